@@ -1,0 +1,5 @@
+import sys
+
+from mergelib.cli import main
+
+sys.exit(main())

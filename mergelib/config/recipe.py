@@ -1,0 +1,257 @@
+"""The merge recipe: mergekit's YAML schema, strict (unknown keys are errors that suggest the close match).
+
+See ../shared/reference/mergekit-semantics.md section 2(d). Differences from mergekit, on purpose: unknown keys,
+unknown parameter names, a model listed twice, and a global parameter set per model are errors, not ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergelib.errors import RecipeError, did_you_mean
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    """A model: a local directory or a Hub id, with an optional revision (`org/name@rev`)."""
+
+    path: str
+    revision: str | None = None
+    lora: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, dict) and "model" in value and isinstance(value["model"], dict):
+            inner = dict(value["model"])  # mergekit's dict form {model: {path, revision}, lora: ...}
+            if value.get("lora") is not None:
+                inner["lora"] = value["lora"] if isinstance(value["lora"], str) else value["lora"].get("path")
+            return inner
+        return value
+
+    @staticmethod
+    def parse(text: str) -> dict:
+        """Split `path[@revision][+lora]` into its parts."""
+        text = text.strip()
+        if not text:
+            raise ValueError("empty model reference")
+        if text.count("+") > 1:
+            raise ValueError(f"'{text}': more than one '+' (use path[@revision][+lora_path])")
+        main, _, lora = text.partition("+")
+        if main.count("@") > 1:
+            raise ValueError(f"'{text}': more than one '@' (use path[@revision])")
+        path, _, revision = main.partition("@")
+        return {"path": path, "revision": revision or None, "lora": lora or None}
+
+    def __str__(self) -> str:
+        text = self.path + (f"@{self.revision}" if self.revision else "")
+        return text + (f"+{self.lora}" if self.lora else "")
+
+
+ParamValue = bool | int | float | str | list[Any]
+ParamDict = dict[str, ParamValue]
+
+
+class InputModel(_Strict):
+    """One entry of `models:`."""
+
+    model: ModelRef
+    parameters: ParamDict = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, value: Any) -> Any:
+        return {"model": value} if isinstance(value, str) else value
+
+
+class SliceSource(_Strict):
+    """One source of an output slice: a model and a half-open layer range."""
+
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: ParamDict = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] < value[0]:
+            raise ValueError(f"layer_range {list(value)} must be [start, end) with 0 <= start <= end")
+        return value
+
+
+class Slice(_Strict):
+    """One output slice of a `slices:` recipe (a frankenmerge or a partial-range merge)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: ModelRef | None = None
+    parameters: ParamDict = Field(default_factory=dict)
+    residual_weight: float | None = None  # parsed for compatibility; mergekit does not use it either
+
+
+class TokenizerConfig(_Strict):
+    """The `tokenizer:` block (assembled vocabulary); see the tokenizer issue."""
+
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
+class MergeRecipe(_Strict):
+    """A mergekit-compatible merge recipe."""
+
+    merge_method: str
+    base_model: ModelRef | None = None
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    parameters: ParamDict = Field(default_factory=dict)
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Any:
+        return value.removeprefix("torch.") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _shape(self) -> MergeRecipe:
+        from mergelib.methods import get_method  # late: the registry imports every method module
+
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
+        method = get_method(self.merge_method)
+        _check_parameter_names(self, method)
+        if self.models is not None:
+            seen: dict[str, int] = {}
+            for i, entry in enumerate(self.models):
+                key = str(entry.model)
+                if key in seen:
+                    raise ValueError(f"models[{i}]: '{key}' is already models[{seen[key]}]; list each model once")
+                seen[key] = i
+        return self
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (only the fields that are set, model references as strings)."""
+        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+        return yaml.safe_dump(_refs_to_strings(data), sort_keys=False)
+
+
+def _refs_to_strings(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "path" in value and set(value) <= {"path", "revision", "lora"}:
+            return str(ModelRef(**value))
+        return {k: _refs_to_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_refs_to_strings(v) for v in value]
+    return value
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+def _check_parameter_names(recipe: MergeRecipe, method) -> None:
+    global_names = _field_names(method.params)
+    model_names = _field_names(method.model_params)
+    known = global_names | model_names
+    levels: list[tuple[str, dict, set[str]]] = [("parameters", recipe.parameters, known)]
+    for i, entry in enumerate(recipe.models or []):
+        levels.append((f"models[{i}].parameters", entry.parameters, model_names))
+    for i, piece in enumerate(recipe.slices or []):
+        levels.append((f"slices[{i}].parameters", piece.parameters, known))
+        for j, src in enumerate(piece.sources):
+            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, model_names))
+    for where, params, allowed in levels:
+        for key in params:
+            if key in allowed:
+                continue
+            if key in global_names:
+                raise ValueError(
+                    f"{where}.{key}: '{key}' is a global parameter of {method.name} (one value per tensor); "
+                    "set it in the top-level or slice parameters"
+                )
+            hint = did_you_mean(key, known)
+            listed = ", ".join(sorted(known)) or "none"
+            raise ValueError(f"{where}.{key}: unknown parameter for {method.name}{hint}; it takes: {listed}")
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_shape()]",) or "[" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_ALL_KEYS = set().union(
+    *(_field_names(m) for m in (MergeRecipe, InputModel, SliceSource, Slice, TokenizerConfig, ModelRef)),
+    {"model", "lora", "filter", "value"},
+)
+
+
+def recipe_error(exc: ValidationError, source: str = "recipe") -> RecipeError:
+    """One line for the first problem pydantic found, naming the field and the fix."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a typo explains a "missing"
+    where = _location(err["loc"])
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        return RecipeError(f"{source}: unknown key '{where}'{did_you_mean(key, _ALL_KEYS)}")
+    if err["type"] == "missing":
+        return RecipeError(f"{source}: missing required key '{where}'")
+    msg = err["msg"].removeprefix("Value error, ")
+    return RecipeError(f"{source}: {where + ': ' if where else ''}{msg}")
+
+
+def load_recipe(source: str | Path | dict | MergeRecipe) -> MergeRecipe:
+    """A validated recipe from a YAML file, a YAML string, a dict or a recipe; RecipeError on any problem."""
+    if isinstance(source, MergeRecipe):
+        return source
+    label = "recipe"
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yml", ".yaml"))):
+        path = Path(source)
+        label = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}); check the path") from None
+        source = text
+    if isinstance(source, str):
+        try:
+            docs = [d for d in yaml.safe_load_all(source) if d is not None]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        if len(docs) != 1:
+            raise RecipeError(f"{label}: expected one YAML document with a recipe, found {len(docs)}")
+        source = docs[0]
+    if not isinstance(source, dict):
+        raise RecipeError(f"{label}: a recipe is a mapping with 'merge_method' and 'models' or 'slices'")
+    try:
+        return MergeRecipe.model_validate(source)
+    except RecipeError as exc:
+        raise RecipeError(f"{label}: {exc}") from None
+    except ValidationError as exc:
+        raise recipe_error(exc, label) from None

@@ -1,0 +1,135 @@
+"""Streams a MergePlan: tensors merged in parallel under a memory budget, written at planned offsets.
+
+Each tensor is computed with torch's intra-op threads set to 1 and parallelism across tensors instead, so every
+result is computed the same way whatever `threads` is: the output bytes never depend on the thread count or on
+the order in which tensors finish.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from mergelib.errors import InputModelError, MergelibError
+from mergelib.io.reader import read_tensor
+from mergelib.io.writer import ShardFile
+from mergelib.methods import MethodInputs
+from mergelib.plan import MergePlan, SourceTensor, TensorJob
+from mergelib.rng import generator_for
+
+
+class MemoryBudget:
+    """A counting semaphore over bytes; a job larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int) -> int:
+        amount = min(amount, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + amount <= self.limit)
+            self.used += amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available now."""
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def load_source(plan: MergePlan, source: SourceTensor) -> torch.Tensor:
+    """One input tensor as float32, cropped and rounded through the recipe's working dtype."""
+    tensor = read_tensor(source.name, source.info)
+    if source.crop is not None:
+        tensor = tensor[tuple(slice(0, n) for n in source.crop)]
+    if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
+        tensor = tensor.to(plan.working_dtype)
+    return tensor.to(torch.float32)
+
+
+def compute(plan: MergePlan, job: TensorJob, seed: int) -> torch.Tensor:
+    """The merged value of one output tensor, in its output dtype."""
+    inputs = MethodInputs(
+        tensors=tuple(load_source(plan, s) for s in job.sources),
+        base=load_source(plan, job.base) if job.base is not None else None,
+        model_params=job.model_params,
+        name=job.name,
+        generator=generator_for(seed, job.name) if plan.method.randomized else None,
+    )
+    try:
+        result = plan.method.merge(inputs, job.params)
+    except ValueError as exc:
+        raise InputModelError(f"{plan.method.name} failed at tensor '{job.name}': {exc}") from None
+    if tuple(result.shape) != job.shape:
+        raise RuntimeError(f"{plan.method.name} returned shape {tuple(result.shape)} for {job.name}, planned {job.shape}")
+    return result.to(job.dtype)
+
+
+def execute(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    threads: int = 2,
+    memory_budget: int | None = None,
+    quiet: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Compute every planned tensor and write the shards into `out_dir` (which must exist)."""
+    shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
+    files = {fname: ShardFile(Path(out_dir) / fname, slots, metadata) for fname, slots in plan.shards.items()}
+    budget = MemoryBudget(memory_budget or default_memory_budget())
+    bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
+    done = 0
+    lock = threading.Lock()
+
+    def run(job: TensorJob, held: int) -> None:
+        nonlocal done
+        try:
+            files[shard_of[job.name]].write(job.name, compute(plan, job, seed))
+        finally:
+            budget.release(held)
+        with lock:
+            done += 1
+            bar.update(job.out_bytes)
+            bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")
+    futures: list[Future] = []
+    try:
+        for job in plan.jobs:
+            held = budget.acquire(job.work_bytes)
+            futures.append(pool.submit(run, job, held))
+            if any(f.done() and f.exception() is not None for f in futures[-threads * 2 :]):
+                break
+        wait(futures, return_when=FIRST_EXCEPTION)  # returns when all are done unless one failed
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(previous_threads)
+        for handle in files.values():
+            handle.close()
+        bar.close()
+
+
+__all__ = ["MemoryBudget", "MergelibError", "compute", "execute", "default_memory_budget", "load_source"]

@@ -1,0 +1,67 @@
+"""Atomic output directories: build in a temporary sibling, then swap it in with `os.replace`.
+
+A merge killed at any point leaves the previous output untouched; only a directory that mergelib wrote itself
+(it holds `mergelib_run.json`) is ever replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from mergelib.errors import OutputError
+
+MARKER = "mergelib_run.json"
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Fail before any work if `out_dir` cannot be (re)placed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory; choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise OutputError(
+            f"{out_dir}: exists, is not empty and was not written by mergelib; choose another output path or remove it"
+        )
+    parent = out_dir.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"{parent}: cannot create the output's parent directory ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: not writable; choose an output path in a writable directory")
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh temporary sibling of `out_dir` (same filesystem, so the final move is a rename)."""
+    out_dir = Path(out_dir).resolve()
+    path = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: cannot create a staging directory ({exc.strerror})") from None
+    return path
+
+
+def commit_dir(staged: Path, out_dir: Path) -> None:
+    """Move a finished staging directory into place, replacing a previous mergelib output."""
+    out_dir = Path(out_dir).resolve()
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(staged, out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

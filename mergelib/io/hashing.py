@@ -1,0 +1,60 @@
+"""sha256 of input shards, cached by (path, size, mtime, inode) so a model is hashed once, not every merge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+_lock = threading.Lock()
+CHUNK = 8 << 20
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib"
+    )
+    return Path(root) / "sha256.json"
+
+
+def _key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each file, reusing cached digests of unchanged files."""
+    cache_file = _cache_path()
+    with _lock:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    out, changed = {}, False
+    for path in paths:
+        key = _key(path)
+        if key not in cache:
+            cache[key] = sha256_file(path)
+            changed = True
+        out[str(path)] = cache[key]
+    if changed:
+        with _lock:
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(cache))
+                os.replace(tmp, cache_file)
+            except OSError:
+                pass  # the cache is an optimisation; hashes are still returned
+    return out

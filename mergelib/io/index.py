@@ -1,0 +1,141 @@
+"""The shard map of a checkpoint: every tensor's file, shape and dtype, read from headers only.
+
+Handles `model.safetensors[.index.json]` (any shard names listed by the index) and PyTorch
+`pytorch_model*.bin` (opened with `torch.load(mmap=True, weights_only=True)`, so no code runs and no weights are read).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mergelib.errors import InputModelError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, without its data."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """All tensors of one model directory."""
+
+    root: Path
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({info.file for info in self.tensors.values()})
+
+
+def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            out = {}
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                code = piece.get_dtype()
+                if code not in SAFETENSORS_DTYPES:
+                    raise InputModelError(f"{path}: tensor '{name}' has unsupported dtype {code}")
+                out[name] = TensorInfo(path, tuple(piece.get_shape()), SAFETENSORS_DTYPES[code])
+            return out
+    except InputModelError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise InputModelError(f"{path}: not a readable safetensors file ({exc}); re-download it") from None
+
+
+def _bin_infos(path: Path) -> dict[str, TensorInfo]:
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:
+        raise InputModelError(
+            f"{path}: cannot load it safely with weights_only=True ({str(exc).splitlines()[0]}); "
+            "convert it to safetensors"
+        ) from None
+    if not isinstance(state, dict):
+        raise InputModelError(f"{path}: expected a state dict of tensors")
+    return {k: TensorInfo(path, tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_index_json(path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputModelError(f"{path}: not a valid shard index ({exc}); re-download the model") from None
+    files = []
+    for name in sorted(set(weight_map.values())):
+        shard = path.parent / name
+        if not shard.is_file():
+            raise InputModelError(f"{path}: lists shard '{name}', which is missing; re-download the model")
+        files.append(shard)
+    return files
+
+
+def index_model(root: Path) -> ShardIndex:
+    """The shard index of a model directory (safetensors preferred over .bin)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputModelError(f"{root}: model directory not found")
+    candidates: list[Path]
+    if (root / "model.safetensors.index.json").is_file():
+        candidates = _read_index_json(root / "model.safetensors.index.json")
+    elif (root / "model.safetensors").is_file():
+        candidates = [root / "model.safetensors"]
+    elif sorted(root.glob("*.safetensors")):
+        candidates = sorted(root.glob("*.safetensors"))
+    elif (root / "pytorch_model.bin.index.json").is_file():
+        candidates = _read_index_json(root / "pytorch_model.bin.index.json")
+    elif (root / "pytorch_model.bin").is_file():
+        candidates = [root / "pytorch_model.bin"]
+    else:
+        raise InputModelError(f"{root}: no model.safetensors, shard index or pytorch_model.bin found")
+    tensors: dict[str, TensorInfo] = {}
+    for path in candidates:
+        infos = _safetensors_infos(path) if path.suffix == ".safetensors" else _bin_infos(path)
+        for name, info in infos.items():
+            if name in tensors:
+                raise InputModelError(f"{root}: tensor '{name}' is stored twice ({tensors[name].file.name}, {path.name})")
+            tensors[name] = info
+    return ShardIndex(root, tensors)
+
+
+def read_config(root: Path) -> dict:
+    """config.json of a model directory."""
+    path = Path(root) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputModelError(f"{path}: missing; a model directory needs its config.json") from None
+    except ValueError as exc:
+        raise InputModelError(f"{path}: invalid JSON ({exc})") from None

@@ -1,0 +1,109 @@
+"""Planned sharded safetensors output: headers are known before any math, tensors land at fixed offsets.
+
+Because every output tensor's name, shape and dtype is planned up front, each shard's header (the safetensors
+format: u64 little-endian header length, JSON header padded with spaces to 8 bytes, then the raw data) is written
+first and each tensor is `pwrite`n at its offset whenever it is ready, in any order, from any thread. The bytes on
+disk do not depend on the order of completion, and memory holds only the tensors in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergelib.io.index import DTYPE_CODES
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One planned output tensor inside a shard."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+
+def shard_header(slots: list[TensorSlot], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """The encoded header (length prefix included) and each tensor's absolute file offset."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets, cursor = {}, 0
+    for slot in slots:
+        header[slot.name] = {
+            "dtype": DTYPE_CODES[slot.dtype],
+            "shape": list(slot.shape),
+            "data_offsets": [cursor, cursor + slot.nbytes],
+        }
+        offsets[slot.name] = cursor
+        cursor += slot.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, {name: len(prefix) + off for name, off in offsets.items()}
+
+
+def shard_size(slots: list[TensorSlot], metadata: dict[str, str] | None = None) -> int:
+    """Total bytes of the shard file."""
+    prefix, _ = shard_header(slots, metadata)
+    return len(prefix) + sum(s.nbytes for s in slots)
+
+
+class ShardFile:
+    """A shard being filled: header written on open, tensors written at their offsets."""
+
+    def __init__(self, path: Path, slots: list[TensorSlot], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.slots = {s.name: s for s in slots}
+        prefix, self.offsets = shard_header(slots, metadata)
+        self.size = len(prefix) + sum(s.nbytes for s in slots)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self._fd, self.size)
+        os.pwrite(self._fd, prefix, 0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor (its dtype and shape must match the plan)."""
+        slot = self.slots[name]
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise ValueError(f"{name}: planned {slot.shape} {slot.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        if slot.nbytes == 0:
+            return
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data)
+        offset, done = self.offsets[name], 0
+        while done < len(view):  # pwrite may write less than asked (signals, large buffers)
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def close(self) -> None:
+        """Flush to disk and close."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def shard_names(count: int) -> list[str]:
+    """`model.safetensors` for one shard, else `model-0000k-of-0000N.safetensors`."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def write_index(out_dir: Path, shards: dict[str, list[TensorSlot]], metadata: dict[str, str]) -> None:
+    """`model.safetensors.index.json` (only written for more than one shard)."""
+    if len(shards) < 2:
+        return
+    total = sum(s.nbytes for slots in shards.values() for s in slots)
+    weight_map = {s.name: fname for fname, slots in shards.items() for s in slots}
+    body = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(out_dir) / "model.safetensors.index.json").write_text(json.dumps(body, indent=2) + "\n")

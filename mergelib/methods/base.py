@@ -1,0 +1,62 @@
+"""What a merge method is: pure tensor math over aligned inputs, plus its validated parameter models.
+
+A method never does IO, dtype policy or RNG seeding: the engine hands it float32 tensors of one shape
+and, for randomized methods, a generator seeded by (seed, tensor name) (see `mergelib.rng`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base of every method's parameter model: unknown names are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    """A method (or scope) that takes no parameters."""
+
+
+# How a method uses `base_model`:
+#   required: must be given; passed as `MethodInputs.base`, never inside `tensors`.
+#   optional: used as `MethodInputs.base` when given (e.g. nuslerp/multislerp work on task vectors then).
+#   input:    when given, the base joins `tensors` as one more input model (linear, karcher).
+#   none:     ignored (passthrough).
+BaseRole = Literal["required", "optional", "input", "none"]
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """Everything a method sees for one output tensor."""
+
+    tensors: tuple[torch.Tensor, ...]  # one per non-base input, float32, identical shapes, recipe order
+    base: torch.Tensor | None  # float32, same shape, or None
+    model_params: tuple[Params, ...]  # per-model parameters, aligned with `tensors`
+    name: str  # output tensor name (for messages; randomness is already in `generator`)
+    generator: torch.Generator | None = None  # set only for methods with randomized=True
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered merge method: its name (mergekit's), math, parameter models and input rules."""
+
+    name: str
+    summary: str
+    paper: str
+    merge: Callable[[MethodInputs, Params], torch.Tensor]
+    params: type[Params] = NoParams  # global parameters: one value per output tensor
+    model_params: type[Params] = NoParams  # per-model parameters: one value per (model, tensor)
+    base: BaseRole = "required"
+    min_models: int = 1  # non-base inputs (after a base with role "input" joins them)
+    max_models: int | None = None
+    randomized: bool = False
+    # Optional cross-model check run by the planner for every tensor before any weight is read
+    # (e.g. "weights sum to zero"); raise ValueError with a one-line message naming the parameter.
+    check: Callable[[Params, tuple[Params, ...]], None] | None = None

@@ -1,0 +1,67 @@
+"""Planned safetensors shards: readable by the safetensors library, bytes independent of write order."""
+
+import hashlib
+import json
+import random
+
+import torch
+from safetensors import safe_open
+
+from mergelib.io.index import index_model
+from mergelib.io.writer import ShardFile, TensorSlot, shard_names, write_index
+
+TENSORS = {
+    "a.weight": torch.randn(3, 5),
+    "b.bias": torch.arange(7, dtype=torch.float16),
+    "c.weight": torch.randn(2, 2, 2).to(torch.bfloat16),
+    "empty": torch.zeros(0, 4),
+    "scalar": torch.tensor(3.5),
+}
+
+
+def write(path, order):
+    slots = [TensorSlot(k, tuple(v.shape), v.dtype) for k, v in TENSORS.items()]
+    shard = ShardFile(path, slots)
+    for name in order:
+        shard.write(name, TENSORS[name])
+    shard.close()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_safetensors_reads_back_every_tensor(tmp_path):
+    write(tmp_path / "model.safetensors", list(TENSORS))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        assert set(handle.keys()) == set(TENSORS)
+        for name, tensor in TENSORS.items():
+            got = handle.get_tensor(name)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert (8 + header_len) % 8 == 0
+    assert json.loads(raw[8 : 8 + header_len])["__metadata__"] == {"format": "pt"}
+
+
+def test_bytes_do_not_depend_on_write_order(tmp_path):
+    names = list(TENSORS)
+    digests = set()
+    for i in range(4):
+        random.Random(i).shuffle(names)
+        digests.add(write(tmp_path / f"m{i}.safetensors", names))
+    assert len(digests) == 1
+
+
+def test_index_and_shard_names(tmp_path):
+    assert shard_names(1) == ["model.safetensors"]
+    assert shard_names(2) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    slots = {n: [TensorSlot(k, tuple(v.shape), v.dtype)] for n, (k, v) in zip(shard_names(2), list(TENSORS.items())[:2])}
+    for fname, group in slots.items():
+        shard = ShardFile(tmp_path / fname, group)
+        shard.write(group[0].name, TENSORS[group[0].name])
+        shard.close()
+    write_index(tmp_path, slots, {"mergelib_version": "x"})
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 15 * 4 + 7 * 2
+    assert index["weight_map"] == {"a.weight": shard_names(2)[0], "b.bias": shard_names(2)[1]}
+    (tmp_path / "config.json").write_text("{}")
+    infos = index_model(tmp_path).tensors
+    assert infos["b.bias"].shape == (7,) and infos["b.bias"].dtype == torch.float16
