@@ -16,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from mergelib.errors import InputModelError, MergelibError
-from mergelib.io.reader import read_tensor
+from mergelib.io.reader import read_rows, read_tensor
 from mergelib.io.writer import ShardFile
 from mergelib.methods import MethodInputs
+from mergelib.methods.base import StreamInputs
 from mergelib.plan import MergePlan, SourceTensor, TensorJob
 from mergelib.rng import generator_for
 
@@ -49,21 +50,29 @@ def default_memory_budget() -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
-def load_source(plan: MergePlan, source: SourceTensor) -> torch.Tensor:
-    """One input tensor as float32, cropped and rounded through the recipe's working dtype."""
-    tensor = read_tensor(source.name, source.info)
-    if source.crop is not None:
-        tensor = tensor[tuple(slice(0, n) for n in source.crop)]
+def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
+    if source.crop is not None:  # a larger vocabulary than the output's: keep the leading block
+        first = slice(None) if rows else slice(0, source.crop[0])  # row blocks are already inside the crop
+        tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
     if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
-        tensor = tensor.to(plan.working_dtype)
+        tensor = tensor.to(plan.working_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
     return tensor.to(torch.float32)
 
 
-def compute(plan: MergePlan, job: TensorJob, seed: int) -> torch.Tensor:
-    """The merged value of one output tensor, in its output dtype."""
+def load_source(plan: MergePlan, source: SourceTensor) -> torch.Tensor:
+    """One input tensor as float32, cropped and rounded through the recipe's working dtype."""
+    return _prepare(plan, read_tensor(source.name, source.info), source, rows=False)
+
+
+def load_rows(plan: MergePlan, source: SourceTensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of one input tensor, prepared as `load_source` would."""
+    return _prepare(plan, read_rows(source.name, source.info, start, end), source, rows=True)
+
+
+def _merge_whole(plan: MergePlan, job: TensorJob, seed: int, sources, base) -> torch.Tensor:
     inputs = MethodInputs(
-        tensors=tuple(load_source(plan, s) for s in job.sources),
-        base=load_source(plan, job.base) if job.base is not None else None,
+        tensors=tuple(sources),
+        base=base,
         model_params=job.model_params,
         name=job.name,
         generator=generator_for(seed, job.name) if plan.method.randomized else None,
@@ -72,9 +81,46 @@ def compute(plan: MergePlan, job: TensorJob, seed: int) -> torch.Tensor:
         result = plan.method.merge(inputs, job.params)
     except ValueError as exc:
         raise InputModelError(f"{plan.method.name} failed at tensor '{job.name}': {exc}") from None
-    if tuple(result.shape) != job.shape:
-        raise RuntimeError(f"{plan.method.name} returned shape {tuple(result.shape)} for {job.name}, planned {job.shape}")
-    return result.to(job.dtype)
+    return result
+
+
+def compute(plan: MergePlan, job: TensorJob, seed: int, emit) -> None:
+    """Merge one output tensor and hand it to `emit(start_row, rows)` in its output dtype (whole or in blocks)."""
+
+    def out(start: int, rows: torch.Tensor) -> None:
+        expected = (rows.shape[0], *job.shape[1:]) if job.mode != "whole" else job.shape
+        if tuple(rows.shape) != tuple(expected):
+            raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
+        emit(start, rows.to(job.dtype))
+
+    if job.mode == "whole":
+        sources = [load_source(plan, s) for s in job.sources]
+        base = load_source(plan, job.base) if job.base is not None else None
+        out(0, _merge_whole(plan, job, seed, sources, base))
+    elif job.mode == "rows":
+        for start in range(0, job.shape[0], job.block_rows):
+            end = min(job.shape[0], start + job.block_rows)
+            sources = [load_rows(plan, s, start, end) for s in job.sources]
+            base = load_rows(plan, job.base, start, end) if job.base is not None else None
+            out(start, _merge_whole(plan, job, seed, sources, base))
+    else:
+        def read(i: int, start: int, end: int) -> torch.Tensor:
+            return load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
+
+        stream_inputs = StreamInputs(
+            shape=job.shape,
+            n_models=len(job.sources),
+            read=read,
+            emit=out,
+            model_params=job.model_params,
+            name=job.name,
+            generator=generator_for(seed, job.name) if plan.method.randomized else None,
+            chunk_rows=job.block_rows,
+        )
+        try:
+            plan.method.stream(stream_inputs, job.params)
+        except ValueError as exc:
+            raise InputModelError(f"{plan.method.name} failed at tensor '{job.name}': {exc}") from None
 
 
 def execute(
@@ -97,8 +143,16 @@ def execute(
 
     def run(job: TensorJob, held: int) -> None:
         nonlocal done
+        shard = files[shard_of[job.name]]
+
+        def emit(start: int, rows: torch.Tensor) -> None:
+            if job.mode == "whole":
+                shard.write(job.name, rows)
+            else:
+                shard.write_rows(job.name, start, rows)
+
         try:
-            files[shard_of[job.name]].write(job.name, compute(plan, job, seed))
+            compute(plan, job, seed, emit)
         finally:
             budget.release(held)
         with lock:

@@ -25,6 +25,8 @@ from mergelib.methods import MethodSpec, Params, get_method
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WORK_FACTOR = 4  # float32 copies a method holds beyond its inputs (stacked deltas, masks, result)
+STREAM_NUMEL = 1 << 22  # tensors from this size up are merged in row blocks when the method allows it
+BLOCK_NUMEL = 1 << 20  # elements per input in one row block
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class TensorJob:
     sources: tuple[SourceTensor, ...]
     params: Params
     model_params: tuple[Params, ...]
+    mode: str = "whole"  # "whole": merge whole tensors; "rows": merge per row block; "stream": two-phase
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per block in "rows"/"stream" mode."""
+        row = self.numel // self.shape[0] if self.shape and self.shape[0] else 1
+        return max(1, BLOCK_NUMEL // max(1, row))
 
     @property
     def numel(self) -> int:
@@ -87,7 +96,13 @@ class TensorJob:
     @property
     def work_bytes(self) -> int:
         """Estimated peak memory of computing this tensor (float32 inputs plus method intermediates)."""
-        return self.numel * 4 * (len(self.inputs) + WORK_FACTOR) + self.read_bytes
+        n_inputs = len(self.inputs)
+        block = min(self.numel, self.block_rows * (self.numel // max(1, self.shape[0] if self.shape else 1)))
+        if self.mode == "rows":
+            return block * 4 * (n_inputs + WORK_FACTOR) + self.out_bytes
+        if self.mode == "stream":  # one whole task vector + selection temporaries, a bool mask per model
+            return self.numel * (4 * 3 + len(self.sources)) + block * 4 * (n_inputs + WORK_FACTOR)
+        return self.numel * 4 * (n_inputs + WORK_FACTOR) + self.read_bytes
 
 
 @dataclass(frozen=True)
@@ -371,8 +386,15 @@ def build_plan(
         dtype = out_override or (DTYPES[recipe.out_dtype] if recipe.out_dtype else None) or working or lead.dtype
         if not dtype.is_floating_point:
             dtype = lead.dtype
+        numel = 1
+        for dim in target:
+            numel *= dim
+        mode = "whole"
+        if numel >= STREAM_NUMEL and len(target) >= 1 and target[0] > 1:
+            mode = "stream" if method.stream is not None else ("rows" if method.rowwise else "whole")
         jobs.append(
             TensorJob(
+                mode=mode,
                 name=out_name,
                 shape=target,
                 dtype=dtype,

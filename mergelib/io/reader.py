@@ -30,3 +30,11 @@ def read_tensor(name: str, info: TensorInfo) -> torch.Tensor:
             state = torch.load(info.file, map_location="cpu", mmap=True, weights_only=True)
             _bin_cache[info.file] = state
     return state[name].clone()
+
+
+def read_rows(name: str, info: TensorInfo, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of tensor `name` (along dim 0), reading only those bytes."""
+    if info.file.suffix == ".safetensors":
+        with safe_open(str(info.file), framework="pt") as handle:
+            return handle.get_slice(name)[start:end]
+    return read_tensor(name, info)[start:end].clone()

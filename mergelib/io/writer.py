@@ -76,11 +76,20 @@ class ShardFile:
         slot = self.slots[name]
         if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
             raise ValueError(f"{name}: planned {slot.shape} {slot.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        if slot.nbytes == 0:
-            return
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
-        offset, done = self.offsets[name], 0
+        if slot.nbytes:
+            self._pwrite(self.offsets[name], tensor)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows [start, start + len(rows)) of a planned tensor (dim 0 blocks, for streamed tensors)."""
+        slot = self.slots[name]
+        if tuple(rows.shape[1:]) != slot.shape[1:] or rows.dtype != slot.dtype or start + rows.shape[0] > slot.shape[0]:
+            raise ValueError(f"{name}: rows {start}+{tuple(rows.shape)} {rows.dtype} do not fit {slot.shape} {slot.dtype}")
+        row_bytes = slot.nbytes // slot.shape[0]
+        self._pwrite(self.offsets[name] + start * row_bytes, rows)
+
+    def _pwrite(self, offset: int, tensor: torch.Tensor) -> None:
+        view = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
         while done < len(view):  # pwrite may write less than asked (signals, large buffers)
             done += os.pwrite(self._fd, view[done:], offset + done)
 

@@ -44,6 +44,24 @@ class MethodInputs:
 
 
 @dataclass(frozen=True)
+class StreamInputs:
+    """Lazy, row-block access to one output tensor's inputs, for tensors too large to hold every input whole.
+
+    `read(i, start, end)` returns rows [start, end) of input i as float32 (i = -1 is the base); `emit(start, rows)`
+    hands finished output rows to the writer. Results must equal the method's `merge` on whole tensors, bit for bit.
+    """
+
+    shape: tuple[int, ...]
+    n_models: int
+    read: Callable[[int, int, int], torch.Tensor]
+    emit: Callable[[int, torch.Tensor], None]
+    model_params: tuple[Params, ...]
+    name: str
+    generator: torch.Generator | None
+    chunk_rows: int  # rows per block the engine suggests (bounded block memory)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One registered merge method: its name (mergekit's), math, parameter models and input rules."""
 
@@ -60,3 +78,8 @@ class MethodSpec:
     # Optional cross-model check run by the planner for every tensor before any weight is read
     # (e.g. "weights sum to zero"); raise ValueError with a one-line message naming the parameter.
     check: Callable[[Params, tuple[Params, ...]], None] | None = None
+    # Memory for large tensors (the engine picks whole / rows / stream by size):
+    #   rowwise: output rows depend only on the same input rows (elementwise methods): `merge` runs per row block.
+    #   stream:  a two-phase implementation over StreamInputs (tensor-level statistics, then row blocks).
+    rowwise: bool = False
+    stream: Callable[[StreamInputs, Params], None] | None = None

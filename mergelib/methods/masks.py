@@ -1,0 +1,126 @@
+"""Boolean masks for sparsified task arithmetic: TIES trim and sign election (arXiv:2306.01708), DARE drop
+(arXiv:2311.03099), Model Breadcrumbs (arXiv:2312.06795), DELLA MAGPRUNE (arXiv:2406.11617), and mergekit's
+whole-tensor L1 rescale. Selections rank |delta| with ties broken by flat index (the lower index ranks higher),
+so the same tensor always gives the same mask. Random masks draw only from the generator they are given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES sign election over `weighted` [N, ...] = stacked w_i*delta_i.
+
+    The elected sign is + where the sum over models is >= 0, else -; the mask is True where an entry has the
+    elected sign. Zero entries (pruned or unchanged) never count.
+    """
+    elected_positive = weighted.sum(dim=0) >= 0  # [...], broadcasts over the model axis
+    return torch.where(elected_positive, weighted > 0, weighted < 0)  # [N, ...] bool
+
+
+def _top_k(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest entries of the 1-D `magnitude`; among equal values the lower index wins."""
+    n = magnitude.numel()
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    # A selection, not a sort: the k-th largest value is the (n-k+1)-th smallest.
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude > threshold
+    places_left = k - int(keep.sum())
+    at_threshold = magnitude == threshold
+    if int(at_threshold.sum()) > places_left:
+        # Several equal values compete for the last places: explicit lower-index-first, never sort order.
+        at_threshold &= torch.cumsum(at_threshold, dim=0) <= places_left
+    return keep | at_threshold
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the k = floor(density*numel) largest |delta| over the whole flattened tensor.
+
+    density >= 1 keeps everything. k == 0 keeps nothing (mergekit asserts k > 0 instead).
+    """
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    k = int(density * delta.numel())  # mergekit's int(): floor for density >= 0
+    return _top_k(delta.abs().flatten(), k).view(delta.shape)
+
+
+def _uniform(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """U[0,1) draws shaped like `delta`, from `generator` only, moved to `delta`'s device."""
+    draws = torch.rand(delta.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return draws.to(delta.device)
+
+
+def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE drop: keep each element independently with probability `density` (U < density).
+
+    density >= 1 keeps all and density <= 0 keeps none; neither draws from the generator.
+    """
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    return _uniform(delta, generator) < density
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the n_top = floor(gamma*N) largest and the n_bot smallest |delta|.
+
+    keep = floor(density*N) and n_bot = N - keep - n_top; when n_bot < 0 the top cut shrinks by that much.
+    mergekit keeps sorted positions [n_bot:-n_top], which is empty when n_top == 0 (gamma = 0, or N < 1/gamma,
+    e.g. every tensor under 100 elements at the default gamma): it zeroes the task vector. Here n_top == 0
+    drops no top values and keeps the `keep` largest.
+    """
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n = delta.numel()
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = n - n_keep - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    magnitude = delta.abs().flatten()
+    # Top-k masks are nested in one total order, so their difference is the band of ranks [n_top, n - n_bot).
+    band = _top_k(magnitude, n - n_bot) & ~_top_k(magnitude, n_top)
+    return band.view(delta.shape)
+
+
+def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """DELLA MAGPRUNE: per row, keep with p = (density - eps) + 2*eps*rank_hat, rank_hat = rank/(n-1) in [0, 1]
+    ranking |delta| ascending within the row.
+
+    Rows run along the last dimension; a 1-D tensor is one row (mergekit ranks along dim 1, which is the same
+    for 1-D and 2-D tensors). A one-element row gets p = density (mergekit divides 0 by 0 there).
+    density >= 1 keeps all and density <= 0 keeps none, without drawing; otherwise 0 < density +- eps < 1.
+    """
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"density +- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}")
+    n = delta.shape[-1] if delta.dim() > 0 else 1
+    rows = delta.reshape(-1, n)  # [R, n]
+    # Position j in a descending stable sort has ascending rank n-1-j: ties give the lower index the higher rank.
+    order = torch.sort(rows.abs(), dim=-1, descending=True, stable=True).indices  # [R, n] int64
+    positions = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=delta.device)
+    rank_hat = positions / (n - 1) if n > 1 else torch.full_like(positions, 0.5)
+    p_by_position = ((density - epsilon) + 2 * epsilon * rank_hat).to(torch.float32)  # [n]
+    keep_prob = torch.empty_like(rows).scatter_(-1, order, p_by_position.expand_as(rows))  # [R, n]
+    del order
+    return _uniform(delta, generator) < keep_prob.view(delta.shape)
+
+
+def l1_rescale(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`delta*mask` scaled by ||delta||_1 / ||delta*mask||_1 (one scalar per tensor); unscaled if either < 1e-7.
+
+    This is mergekit's `rescale` (what users' recipes get), not the DARE/DELLA papers' per-element 1/p.
+    """
+    masked = delta * mask
+    before = float(delta.abs().sum(dtype=torch.float64))
+    after = float(masked.abs().sum(dtype=torch.float64))
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
