@@ -1,0 +1,130 @@
+"""Merge speed and memory as ratios to the IO floor, measured in one run (not a test).
+
+For each family (~120M and ~1B parameters, bf16, built once and cached under bench-cache/) and each case, time
+a `mergelib merge` in a fresh process and compare it with the IO floor: a process that reads the same input
+tensors and writes the same output bytes with plain safetensors. Peak RSS is the child's ru_maxrss.
+
+    python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties] [--out reports/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench-cache"
+
+FLOOR_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from mergelib.api import plan_merge
+
+plan = plan_merge(sys.argv[1], out_shard_size=int(sys.argv[3]))
+out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+shard_of = {s.name: f for f, slots in plan.shards.items() for s in slots}
+for fname, slots in plan.shards.items():
+    tensors = {}
+    for job in (j for j in plan.jobs if shard_of[j.name] == fname):
+        read = []
+        for src in job.inputs:  # one read per input tensor, as the merge does
+            with safe_open(str(src.info.file), "pt") as handle:
+                read.append(handle.get_tensor(src.name))
+        tensors[job.name] = read[0].to(job.dtype)
+        del read
+    save_file(tensors, out / fname, metadata={"format": "pt"})
+    del tensors
+"""
+
+
+def recipes(family) -> dict[str, dict]:
+    fts = [str(p) for p in family.finetunes]
+    return {
+        "linear": {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, 0.3, 0.2))],
+        },
+        **{
+            method: {
+                "merge_method": method,
+                "base_model": str(family.base),
+                "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, 0.3, 0.2))],
+                "parameters": {"density": 0.5},
+            }
+            for method in ("ties", "dare_ties", "della", "model_stock", "task_arithmetic")
+        },
+    }
+
+
+def measure_child(cmd: list[str]) -> tuple[float, int]:
+    """Run under /usr/bin/time-like accounting: a wrapper reports the child's own ru_maxrss."""
+    wrapper = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
+        "print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds, peak = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["120m", "1b"])
+    parser.add_argument("--cases", nargs="+", default=["linear", "ties", "dare_ties"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "reports" / "bench.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from mergelib.testing.tiny import ensure_family
+
+    rows = []
+    for size in args.sizes:
+        t0 = time.perf_counter()
+        family = ensure_family(CACHE / size, size=size, n_finetunes=3, seed=0, dtype=torch.bfloat16)
+        print(f"[{size}] family ready in {time.perf_counter() - t0:.0f}s", flush=True)
+        all_recipes = recipes(family)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            tmp = Path(tmp)
+            for case in args.cases:
+                recipe = tmp / f"{case}.yml"
+                recipe.write_text(yaml.safe_dump(all_recipes[case]))
+                shard = str(5_000_000_000)
+                floor_s, floor_rss = measure_child([sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), shard])
+                merge_s, merge_rss = measure_child(
+                    [sys.executable, "-m", "mergelib", "merge", str(recipe), str(tmp / "merged"), "--quiet",
+                     "--threads", str(args.threads), "--out-shard-size", shard]
+                )
+                size_bytes = sum(p.stat().st_size for p in (tmp / "merged").glob("*.safetensors"))
+                row = {
+                    "size": size, "case": case, "merge_s": round(merge_s, 2), "floor_s": round(floor_s, 2),
+                    "ratio": round(merge_s / floor_s, 2), "merge_peak_rss_mb": round(merge_rss / 1e6),
+                    "floor_peak_rss_mb": round(floor_rss / 1e6), "output_mb": round(size_bytes / 1e6),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n| size | case | merge s | IO floor s | ratio | merge peak RSS MB | output MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['case']} | {r['merge_s']} | {r['floor_s']} | {r['ratio']} | "
+              f"{r['merge_peak_rss_mb']} | {r['output_mb']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The `mergelib` command as users run it: exit codes, one-line errors, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "mergelib", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def write_recipe(tmp_path, recipe, name="recipe.yml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def ties_recipe(family, **params):
+    return {
+        "merge_method": "ties",
+        "base_model": str(family.base),
+        "models": [
+            {"model": str(family.finetunes[0]), "parameters": {"weight": 0.5, "density": 0.5, **params}},
+            {"model": str(family.finetunes[1]), "parameters": {"weight": 0.5, "density": 0.8}},
+        ],
+    }
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_merge_command_writes_a_model(tiny_family, tmp_path):
+    recipe = write_recipe(tmp_path, ties_recipe(tiny_family))
+    proc = run("merge", str(recipe), str(tmp_path / "out"), "--quiet", "--out-shard-size", "50kB")
+    assert proc.returncode == 0, proc.stderr
+    assert "merged" in proc.stdout and str(tmp_path / "out") in proc.stdout
+    run_record = json.loads((tmp_path / "out" / "mergelib_run.json").read_text())
+    assert run_record["method"] == "ties" and run_record["seed"] == 0
+    assert yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())["merge_method"] == "ties"
+
+
+def test_dry_run_prints_the_plan(tiny_family, tmp_path):
+    recipe = write_recipe(tmp_path, ties_recipe(tiny_family))
+    proc = run("merge", str(recipe), str(tmp_path / "out"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: ties, 3 models" in proc.stdout
+    assert "model.layers.0.self_attn.q_proj.weight" in proc.stdout
+    assert "estimated peak memory" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_all_twenty():
+    proc = run("methods")
+    assert proc.returncode == 0
+    names = [line.split(":")[0] for line in proc.stdout.splitlines() if line and not line.startswith(" ")]
+    assert len(names) == 20 and "dare_ties" in names
+    assert "density (default 1.0)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "mutate,fragments",
+    [
+        (lambda r: {**r, "merge_method": "tie"}, ["unknown method 'tie'", "did you mean 'ties'"]),
+        (lambda r: {**r, "paramters": {}}, ["unknown key 'paramters'", "did you mean 'parameters'"]),
+        (lambda r: {**r, "base_model": "/nonexistent/model"}, ["/nonexistent/model", "no such directory"]),
+        (lambda r: {**r, "base_model": "org/not-cached"}, ["org/not-cached", "HF_HUB_OFFLINE=1"]),
+        (lambda r: {**r, "models": [{"model": m["model"], "parameters": {"density": 0.5}} for m in r["models"]]},
+         ["parameter 'weight' is required by ties"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tiny_family, tmp_path, mutate, fragments):
+    recipe = write_recipe(tmp_path, mutate(ties_recipe(tiny_family)))
+    proc = run("merge", str(recipe), str(tmp_path / "out"))
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_parameter_on_some_tensors_fails_before_reading(tiny_family, tmp_path):
+    # density 1.5 only for the MLP tensors of layer 1: still caught in planning, naming model and tensor
+    recipe = ties_recipe(tiny_family, density=[{"filter": "layers.1.mlp", "value": 1.5}, {"value": 0.5}])
+    proc = run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out"))
+    assert_one_line_error(proc, "parameter 'density'", "model.layers.1.mlp", "less than or equal to 1")
+
+
+def test_bad_yaml_and_missing_recipe(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: [ties\n")
+    assert_one_line_error(run("merge", str(bad), str(tmp_path / "o")), "bad.yml: invalid YAML at line")
+    assert_one_line_error(run("merge", str(tmp_path / "none.yml"), str(tmp_path / "o")), "none.yml", "cannot read")
+
+
+def test_bad_flag_is_one_line(tmp_path):
+    proc = run("merge", "a.yml", "out", "--out-shard-size", "lots")
+    assert_one_line_error(proc, "'lots' is not a size")
+
+
+def test_unwritable_output(tiny_family, tmp_path):
+    recipe = write_recipe(tmp_path, ties_recipe(tiny_family))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(run("merge", str(recipe), str(blocker)), "is not a directory")
+    if os.geteuid() != 0:  # root ignores directory permissions
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        assert_one_line_error(run("merge", str(recipe), str(locked / "out")), "not writable")
+
+
+def test_incompatible_shapes_name_models_and_tensor(tmp_path):
+    from mergelib.testing.tiny import make_model
+
+    a = make_model(tmp_path / "a", size="tiny", seed=0)
+    config = json.loads((a / "config.json").read_text())
+    other = tmp_path / "b"
+    make_model(other, size="tiny", seed=1)
+    # same architecture, different intermediate size: rewrite one tensor's shape
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(other.glob("*.safetensors")):
+        tensors = load_file(shard)
+        key = "model.layers.0.mlp.up_proj.weight"
+        if key in tensors:
+            tensors[key] = tensors[key][:-1].clone()
+            save_file(tensors, shard, metadata={"format": "pt"})
+    recipe = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1}},
+                                                    {"model": str(other), "parameters": {"weight": 1}}]}
+    proc = run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out"))
+    assert_one_line_error(proc, "model.layers.0.mlp.up_proj.weight", "different shapes", str(a), str(other))
+    assert config["num_hidden_layers"] >= 2
