@@ -1,0 +1,64 @@
+"""Linear merge (model soups): Σ w_i·θ_i, divided by Σ w_i when `normalize` (arXiv:2203.05482).
+
+As mergekit's `linear`, with one fix: mergekit divides by Σ w_i even when it is 0; we reject such weights in the
+planner (`check_weights`) before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergelib.methods.base import MethodInputs, MethodSpec, Params
+
+# Σ w below this fraction of Σ|w| is a cancellation: dividing by it would amplify the merge by > 1e6.
+_ZERO_SUM_RTOL = 1e-6
+
+
+class LinearParams(Params):
+    normalize: bool = True
+
+
+class LinearModelParams(Params):
+    weight: float
+
+
+def check_weights(params: LinearParams, model_params: tuple[LinearModelParams, ...]) -> None:
+    """Reject weights that sum to (about) 0 when they are to be normalised."""
+    if not params.normalize:
+        return
+    weights = [p.weight for p in model_params]
+    total = math.fsum(weights)
+    if abs(total) <= _ZERO_SUM_RTOL * math.fsum(abs(w) for w in weights):
+        raise ValueError(
+            f"weight: weights sum to {total:g} with normalize: true; "
+            "give weights with a nonzero sum or set normalize: false"
+        )
+
+
+def merge(inputs: MethodInputs, params: LinearParams) -> torch.Tensor:
+    """Weighted sum of the inputs, normalised by the weight sum when `params.normalize`."""
+    weights = [p.weight for p in inputs.model_params]
+    out = torch.zeros_like(inputs.tensors[0])
+    for weight, tensor in zip(weights, inputs.tensors, strict=True):
+        out.add_(tensor, alpha=weight)
+    if params.normalize:
+        out.div_(math.fsum(weights))
+    return out
+
+
+SPECS = (
+    MethodSpec(
+        name="linear",
+        summary="Weighted average of the models (a base model, if given, is one more input)",
+        paper="https://arxiv.org/abs/2203.05482",
+        merge=merge,
+        params=LinearParams,
+        model_params=LinearModelParams,
+        base="input",
+        min_models=1,
+        check=check_weights,
+        rowwise=True,  # elementwise: row blocks give the same bits as whole tensors
+    ),
+)
