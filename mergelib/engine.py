@@ -45,9 +45,11 @@ class MemoryBudget:
             self._cond.notify_all()
 
 
-def default_memory_budget() -> int:
-    """Half of the memory available now."""
-    return int(psutil.virtual_memory().available * 0.5)
+def default_memory_budget(plan: MergePlan) -> int:
+    """Room for the largest tensor's work plus a quarter more for small tensors alongside it, capped at half of
+    the memory available now: peak memory follows the largest tensor, not the model."""
+    largest = max((job.work_bytes for job in plan.jobs), default=0)
+    return int(min(psutil.virtual_memory().available * 0.5, max(256 << 20, largest * 1.25)))
 
 
 def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
@@ -136,7 +138,7 @@ def execute(
     """Compute every planned tensor and write the shards into `out_dir` (which must exist)."""
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
     files = {fname: ShardFile(Path(out_dir) / fname, slots, metadata) for fname, slots in plan.shards.items()}
-    budget = MemoryBudget(memory_budget or default_memory_budget())
+    budget = MemoryBudget(memory_budget or default_memory_budget(plan))
     bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
     done = 0
     lock = threading.Lock()

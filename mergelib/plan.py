@@ -128,9 +128,12 @@ class MergePlan:
         return sum(j.out_bytes for j in self.jobs)
 
     def peak_memory(self, threads: int) -> int:
-        """Estimated peak working memory with `threads` tensors in flight."""
+        """Estimated peak working memory with `threads` tensors in flight under the default budget
+        (room for the largest tensor's work plus a quarter; see engine.default_memory_budget)."""
         costs = sorted((j.work_bytes for j in self.jobs), reverse=True)
-        return sum(costs[: max(1, threads)])
+        if not costs:
+            return 0
+        return min(sum(costs[: max(1, threads)]), max(costs[0], int(costs[0] * 1.25)))
 
 
 @dataclass(frozen=True)
