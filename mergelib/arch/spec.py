@@ -64,7 +64,14 @@ class ArchSpec:
         """The weights of layer `layer`, with absolute names."""
         prefix = self.layer_prefix.format(layer=layer)
         return [
-            WeightSpec(prefix + w.name, w.embed, w.optional, w.tied_to, tuple(prefix + a for a in w.aliases))
+            WeightSpec(
+                prefix + w.name,
+                w.embed,
+                w.optional,
+                w.tied_to,
+                # an alias with its own "{layer}" is a full name (e.g. GPT-2's bare "h.{layer}.ln_1.weight")
+                tuple(a.format(layer=layer) if "{layer}" in a else prefix + a for a in w.aliases),
+            )
             for w in self.layer_weights
         ]
 
