@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import shutil
@@ -14,9 +15,11 @@ from pathlib import Path
 from mergelib.card import model_card
 from mergelib.config.recipe import MergeRecipe, load_recipe
 from mergelib.engine import execute
-from mergelib.errors import OutputError
-from mergelib.io.atomic import MARKER, check_output_dir, commit_dir, staging_dir
+from mergelib.errors import MergelibError, OutputError
+from mergelib.faults import failpoint
+from mergelib.io.atomic import MARKER, check_output_dir, commit_dir, stale_staging_dirs, staging_dir
 from mergelib.io.hashing import sha256_files
+from mergelib.io.journal import Journal, plan_key
 from mergelib.io.writer import write_index
 from mergelib.plan import MergePlan, build_plan
 
@@ -48,6 +51,7 @@ class MergeResult:
     seed: int
     recipe_yaml: str
     plan: MergePlan
+    shards_reused: int = 0  # complete shards kept from an interrupted earlier run
 
 
 def library_versions() -> dict[str, str]:
@@ -138,24 +142,50 @@ def merge(
     hashes: dict[str, str] = {}
     hasher = threading.Thread(target=lambda: hashes.update(sha256_files(files)), name="mergelib-hash", daemon=True)
     hasher.start()
-    staged = staging_dir(out_dir)
+    key = _run_key(plan, seed, files)
+    staged = staging_dir(out_dir, key)
+    journal = Journal(staged, key)
     try:
         metadata = {"format": "pt", "mergelib_version": library_versions()["mergelib"]}
-        execute(plan, staged, seed=seed, threads=threads, memory_budget=memory_budget, quiet=quiet,
-                metadata=metadata)
+        reused = execute(plan, staged, seed=seed, threads=threads, memory_budget=memory_budget, quiet=quiet,
+                         metadata=metadata, journal=journal)
         write_index(staged, plan.shards, {"mergelib_version": metadata["mergelib_version"]})
         (staged / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if copy_tokenizer:
             _copy_tokenizer(plan, staged)
         hasher.join()
         _write_records(plan, staged, seed, hashes)
+        journal.remove()
+        failpoint("before-commit")
         commit_dir(staged, out_dir)
-    except BaseException:
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # an IO failure: keep the staging directory, a re-run resumes from its complete shards
         shutil.rmtree(staged, ignore_errors=True)
+        raise OutputError(
+            f"{out_dir.resolve().parent}: disk full while writing the merge ({exc.strerror}); free space and re-run "
+            "(the previous output, if any, is untouched)"
+        ) from None
+    except MergelibError:
+        shutil.rmtree(staged, ignore_errors=True)  # bad input: nothing worth resuming
         raise
+    for stale in stale_staging_dirs(out_dir, staged):
+        shutil.rmtree(stale, ignore_errors=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return MergeResult(out_dir, len(plan.jobs), plan.bytes_read, plan.bytes_written,
-                       time.perf_counter() - started, peak, hashes, seed, plan.recipe.to_yaml(), plan)
+                       time.perf_counter() - started, peak, hashes, seed, plan.recipe.to_yaml(), plan, reused)
+
+
+def _run_key(plan: MergePlan, seed: int, files: list[Path]) -> str:
+    """What decides the output bytes: recipe, seed, versions, the input files' identity, the output layout."""
+    parts = [plan.recipe.to_yaml(), str(seed), json.dumps(library_versions(), sort_keys=True)]
+    for path in files:
+        st = path.stat()
+        parts.append(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    for fname, slots in plan.shards.items():
+        parts.append(fname + "|" + ";".join(f"{s.name}:{list(s.shape)}:{s.dtype}" for s in slots))
+    parts.append(json.dumps(plan.config, sort_keys=True))
+    return plan_key(parts)
 
 
 def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, str]) -> None:

@@ -16,6 +16,9 @@ import torch
 from tqdm import tqdm
 
 from mergelib.errors import InputModelError, MergelibError
+from mergelib.faults import failpoint
+from mergelib.io.hashing import sha256_file
+from mergelib.io.journal import Journal
 from mergelib.io.reader import read_rows, read_tensor
 from mergelib.io.writer import ShardFile
 from mergelib.methods import MethodInputs
@@ -134,18 +137,43 @@ def execute(
     memory_budget: int | None = None,
     quiet: bool = False,
     metadata: dict[str, str] | None = None,
-) -> None:
-    """Compute every planned tensor and write the shards into `out_dir` (which must exist)."""
+    journal: Journal | None = None,
+) -> int:
+    """Compute every planned tensor and write the shards into `out_dir` (which must exist).
+
+    Shards the journal lists as complete and verified are kept as they are; each shard finished here is synced,
+    hashed and recorded. Returns the number of shards reused.
+    """
+    out_dir = Path(out_dir)
+    reused = journal.verified() if journal is not None else set()
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
-    files = {fname: ShardFile(Path(out_dir) / fname, slots, metadata) for fname, slots in plan.shards.items()}
+    jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
+    remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
+    files: dict[str, ShardFile] = {}
     budget = MemoryBudget(memory_budget or default_memory_budget(plan))
-    bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
+    skipped = sum(j.out_bytes for j in plan.jobs) - sum(j.out_bytes for j in jobs)
+    bar = tqdm(total=plan.bytes_written, initial=skipped, unit="B", unit_scale=True, desc="merging",
+               disable=quiet, leave=False)
     done = 0
     lock = threading.Lock()
 
+    def shard_file(fname: str) -> ShardFile:
+        with lock:
+            if fname not in files:
+                files[fname] = ShardFile(out_dir / fname, plan.shards[fname], metadata)
+            return files[fname]
+
+    def finish(fname: str) -> None:
+        handle = files[fname]
+        handle.close()
+        if journal is not None:
+            completed = journal.record(fname, sha256_file(handle.path))
+            failpoint("after-shard", completed)
+
     def run(job: TensorJob, held: int) -> None:
         nonlocal done
-        shard = files[shard_of[job.name]]
+        fname = shard_of[job.name]
+        shard = shard_file(fname)
 
         def emit(start: int, rows: torch.Tensor) -> None:
             if job.mode == "whole":
@@ -159,15 +187,21 @@ def execute(
             budget.release(held)
         with lock:
             done += 1
+            count = done
+            remaining[fname] -= 1
+            last = remaining[fname] == 0
             bar.update(job.out_bytes)
-            bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+            bar.set_postfix_str(f"{done + len(plan.jobs) - len(jobs)}/{len(plan.jobs)} tensors", refresh=False)
+        failpoint("mid-shard", count)
+        if last:
+            finish(fname)
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")
     futures: list[Future] = []
     try:
-        for job in plan.jobs:
+        for job in jobs:
             held = budget.acquire(job.work_bytes)
             futures.append(pool.submit(run, job, held))
             if any(f.done() and f.exception() is not None for f in futures[-threads * 2 :]):
@@ -186,6 +220,7 @@ def execute(
         for handle in files.values():
             handle.close()
         bar.close()
+    return len(reused)
 
 
 __all__ = ["MemoryBudget", "MergelibError", "compute", "execute", "default_memory_budget", "load_source"]

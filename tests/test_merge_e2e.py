@@ -224,7 +224,12 @@ def test_failed_merge_keeps_previous_output(tiny_family, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         mergelib.merge(CASES["ties"][0](tiny_family), out, quiet=True)
     assert files_digest(out) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no staging directory left behind
+    # the staging directory stays for a resume; the next successful run consumes it
+    assert [p.name for p in tmp_path.iterdir() if p.name != "keep"][0].startswith(".keep.partial-")
+    monkeypatch.undo()
+    mergelib.merge(CASES["ties"][0](tiny_family), out, quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+    assert files_digest(out) != before
 
 
 def test_refuses_to_replace_a_foreign_directory(tiny_family, tmp_path):

@@ -55,7 +55,7 @@ def digest(path):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "della"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "della", "ram", "nearswap"])
 def test_engine_blocks_give_identical_bytes(method, tiny_family, tmp_path, monkeypatch):
     models = [{"model": str(p), "parameters": {"weight": w, "density": 0.5}} for p, w in zip(tiny_family.finetunes, (0.6, 0.4))]
     recipe = {"merge_method": method, "base_model": str(tiny_family.base), "models": models}
@@ -63,6 +63,9 @@ def test_engine_blocks_give_identical_bytes(method, tiny_family, tmp_path, monke
         recipe = {"merge_method": "linear", "models": [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in models]}
     if method == "della":
         recipe["parameters"] = {"epsilon": 0.1}
+    if method in ("ram", "nearswap"):
+        recipe["models"] = [{"model": models[0]["model"]}]
+        recipe["parameters"] = {"t": 0.01} if method == "nearswap" else {}
     mergelib.merge(recipe, tmp_path / "whole", quiet=True)
     monkeypatch.setattr(mergelib.plan, "STREAM_NUMEL", 1)
     monkeypatch.setattr(mergelib.plan, "BLOCK_NUMEL", 200)

@@ -35,15 +35,22 @@ def check_output_dir(out_dir: Path) -> None:
         raise OutputError(f"{parent}: not writable; choose an output path in a writable directory")
 
 
-def staging_dir(out_dir: Path) -> Path:
-    """A fresh temporary sibling of `out_dir` (same filesystem, so the final move is a rename)."""
+def staging_dir(out_dir: Path, key: str) -> Path:
+    """The temporary sibling of `out_dir` for the merge identified by `key` (same filesystem, so the final move
+    is a rename). It survives an interrupted run, so the next run with the same key resumes in it."""
     out_dir = Path(out_dir).resolve()
-    path = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    path = out_dir.parent / f".{out_dir.name}.partial-{key[:16]}"
     try:
-        path.mkdir()
+        path.mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{path.parent}: cannot create a staging directory ({exc.strerror})") from None
     return path
+
+
+def stale_staging_dirs(out_dir: Path, keep: Path) -> list[Path]:
+    """Staging directories of earlier, different merges into `out_dir` (left by interrupted runs)."""
+    out_dir = Path(out_dir).resolve()
+    return [p for p in out_dir.parent.glob(f".{out_dir.name}.partial-*") if p.resolve() != Path(keep).resolve()]
 
 
 def commit_dir(staged: Path, out_dir: Path) -> None:

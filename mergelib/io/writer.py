@@ -96,7 +96,7 @@ class ShardFile:
     def close(self) -> None:
         """Flush to disk and close."""
         if self._fd >= 0:
-            os.fsync(self._fd)
+            os.fsync(self._fd)  # a shard is recorded complete only once its bytes are on disk
             os.close(self._fd)
             self._fd = -1
 

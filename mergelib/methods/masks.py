@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from mergelib.methods.select import top_k_mask
+
 
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
     """TIES sign election over `weighted` [N, ...] = stacked w_i*delta_i.
@@ -19,24 +21,6 @@ def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
     return torch.where(elected_positive, weighted > 0, weighted < 0)  # [N, ...] bool
 
 
-def _top_k(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest entries of the 1-D `magnitude`; among equal values the lower index wins."""
-    n = magnitude.numel()
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    # A selection, not a sort: the k-th largest value is the (n-k+1)-th smallest.
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    keep = magnitude > threshold
-    places_left = k - int(keep.sum())
-    at_threshold = magnitude == threshold
-    if int(at_threshold.sum()) > places_left:
-        # Several equal values compete for the last places: explicit lower-index-first, never sort order.
-        at_threshold &= torch.cumsum(at_threshold, dim=0) <= places_left
-    return keep | at_threshold
-
-
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the k = floor(density*numel) largest |delta| over the whole flattened tensor.
 
@@ -45,7 +29,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     k = int(density * delta.numel())  # mergekit's int(): floor for density >= 0
-    return _top_k(delta.abs().flatten(), k).view(delta.shape)
+    return top_k_mask(delta.abs().flatten(), k).view(delta.shape)
 
 
 def _uniform(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -83,7 +67,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
         n_top, n_bot = n_top + n_bot, 0
     magnitude = delta.abs().flatten()
     # Top-k masks are nested in one total order, so their difference is the band of ranks [n_top, n - n_bot).
-    band = _top_k(magnitude, n - n_bot) & ~_top_k(magnitude, n_top)
+    band = top_k_mask(magnitude, n - n_bot) & ~top_k_mask(magnitude, n_top)
     return band.view(delta.shape)
 
 
