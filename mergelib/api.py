@@ -72,6 +72,7 @@ def plan_merge(
     dtype: str | None = None,
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
+    allow_nan: bool = False,
 ) -> MergePlan:
     """Validate a recipe and plan every output tensor without reading weights."""
     return build_plan(
@@ -80,6 +81,7 @@ def plan_merge(
         out_dtype=dtype,
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
+        allow_nan=allow_nan,
     )
 
 
@@ -120,13 +122,14 @@ def merge(
     dry_run: bool = False,
     dtype: str | None = None,
     memory_budget: int | None = None,
+    allow_nan: bool = False,
 ) -> MergeResult:
     """Merge the models of `recipe` into `out_dir`; a previous output there is replaced only on success."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     plan = plan_merge(
         recipe, out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, allow_nan=allow_nan,
     )
     threads = threads or 2
     if dry_run:

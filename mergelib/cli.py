@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy the base (or first) model's tokenizer files (default on)")
     m.add_argument("--allow-crimes", action="store_true", help="allow inputs of different architectures")
     m.add_argument("--trust-remote-code", action="store_true", help="allow inputs whose config needs custom code")
+    m.add_argument("--allow-nan", action="store_true", help="merge inputs that hold NaN/Inf values")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, memory) and stop")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("methods", help="list the merge methods with their parameters, defaults and papers")
@@ -88,7 +89,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         args.config, args.out, seed=args.seed, out_shard_size=args.out_shard_size, threads=args.threads,
         copy_tokenizer=args.copy_tokenizer, allow_crimes=args.allow_crimes,
         trust_remote_code=args.trust_remote_code, quiet=args.quiet, dry_run=args.dry_run, dtype=args.dtype,
-        memory_budget=args.memory_budget,
+        memory_budget=args.memory_budget, allow_nan=args.allow_nan,
     )
     plan = result.plan
     threads = args.threads or 2

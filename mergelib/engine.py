@@ -56,6 +56,11 @@ def default_memory_budget(plan: MergePlan) -> int:
 
 
 def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
+    if not plan.allow_nan and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InputModelError(
+            f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
+            "(the first found; others may follow); fix the checkpoint or pass --allow-nan to merge anyway"
+        )
     if source.crop is not None:  # a larger vocabulary than the output's: keep the leading block
         first = slice(None) if rows else slice(0, source.crop[0])  # row blocks are already inside the crop
         tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
@@ -153,7 +158,7 @@ def execute(
     budget = MemoryBudget(memory_budget or default_memory_budget(plan))
     skipped = sum(j.out_bytes for j in plan.jobs) - sum(j.out_bytes for j in jobs)
     bar = tqdm(total=plan.bytes_written, initial=skipped, unit="B", unit_scale=True, desc="merging",
-               disable=quiet, leave=False)
+               disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
     done = 0
     lock = threading.Lock()
 

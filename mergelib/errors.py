@@ -11,6 +11,10 @@ class MergelibError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: object = ""):
+        # one line, always: messages quote user text and library errors that may hold newlines
+        super().__init__(" ".join(str(message).split()))
+
 
 class RecipeError(MergelibError):
     """The recipe (YAML or dict) is malformed: unknown key, bad value, missing parameter."""

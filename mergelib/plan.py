@@ -118,6 +118,7 @@ class MergePlan:
     working_dtype: torch.dtype | None
     donor: int  # model whose tokenizer files are copied
     notes: tuple[str, ...] = field(default=())
+    allow_nan: bool = False  # merge inputs holding NaN/Inf instead of stopping at the first
 
     @property
     def bytes_read(self) -> int:
@@ -296,6 +297,7 @@ def build_plan(
     out_dtype: str | None = None,
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
+    allow_nan: bool = False,
 ) -> MergePlan:
     """Plan every output tensor of `recipe`; raises a MergelibError for anything wrong, reading no weights."""
     method = get_method(recipe.merge_method)
@@ -440,7 +442,9 @@ def build_plan(
     config = _output_config(ref_model, spec, out_layer, layer_origin, models, any_untied_head, jobs)
     shards = _shard_layout(jobs, out_shard_size)
     donor = reference
-    return MergePlan(recipe, method, tuple(models), tuple(jobs), shards, config, working, donor, tuple(notes))
+    return MergePlan(
+        recipe, method, tuple(models), tuple(jobs), shards, config, working, donor, tuple(notes), allow_nan
+    )
 
 
 def _is_known(spec: ArchSpec, name: str, model: InputModel) -> bool:

@@ -102,3 +102,78 @@ def test_disk_full_is_one_line_and_leaves_nothing(tiny_family, tmp_path, monkeyp
     assert "\n" not in str(info.value)
     assert digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def poison(model_dir, name, value):
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name].view(-1)[3] = value
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return
+    raise AssertionError(name)
+
+
+def linear_of(*dirs):
+    return {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": 1.0}} for d in dirs]}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_inputs_are_named_and_allow_nan_proceeds(tiny_family, tmp_path, value):
+    bad = copy_model(tiny_family.finetunes[0], tmp_path / "bad")
+    poison(bad, "model.layers.1.mlp.down_proj.weight", value)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(linear_of(tiny_family.base, bad)))
+    proc = cli("merge", str(recipe), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.layers.1.mlp.down_proj.weight" in proc.stderr and "--allow-nan" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert cli("merge", str(recipe), str(tmp_path / "out"), "--allow-nan", "--quiet").returncode == 0
+
+
+def test_truncated_and_absurd_safetensors_are_one_line_errors(tiny_family, tmp_path):
+    truncated = copy_model(tiny_family.finetunes[0], tmp_path / "trunc")
+    shard = sorted(truncated.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    absurd = copy_model(tiny_family.finetunes[1], tmp_path / "absurd")
+    shard = sorted(absurd.glob("*.safetensors"))[0]
+    shard.write_bytes((1 << 60).to_bytes(8, "little") + shard.read_bytes()[8:])
+    for model in (truncated, absurd):
+        with pytest.raises(MergelibError, match="not a readable safetensors file") as info:
+            mergelib.plan_merge(linear_of(tiny_family.base, model))
+        assert str(model) in str(info.value)
+
+
+def test_symlink_out_of_the_model_directory_is_refused(tiny_family, tmp_path):
+    sneaky = copy_model(tiny_family.finetunes[0], tmp_path / "sneaky")
+    shard = sorted(sneaky.glob("*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(MergelibError, match="symlink out of the model directory"):
+        mergelib.plan_merge(linear_of(tiny_family.base, sneaky))
+
+
+def test_remote_code_needs_trust_and_crimes_need_allowing(tiny_family, tmp_path):
+    custom = copy_model(tiny_family.finetunes[0], tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    with pytest.raises(MergelibError, match="--trust-remote-code"):
+        mergelib.plan_merge(linear_of(tiny_family.base, custom))
+    mergelib.plan_merge(linear_of(tiny_family.base, custom), trust_remote_code=True)
+
+    other = copy_model(tiny_family.finetunes[1], tmp_path / "other")
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(MergelibError, match="--allow-crimes"):
+        mergelib.plan_merge(linear_of(tiny_family.base, other))
+    assert mergelib.plan_merge(linear_of(tiny_family.base, other), allow_crimes=True).jobs

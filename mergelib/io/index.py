@@ -120,14 +120,29 @@ def index_model(root: Path) -> ShardIndex:
         candidates = [root / "pytorch_model.bin"]
     else:
         raise InputModelError(f"{root}: no model.safetensors, shard index or pytorch_model.bin found")
+    allowed = _allowed_root(root)
     tensors: dict[str, TensorInfo] = {}
     for path in candidates:
+        target = path.resolve()
+        if not target.is_relative_to(allowed):
+            raise InputModelError(
+                f"{path}: a symlink out of the model directory (to {target}); copy the file into the model instead"
+            )
         infos = _safetensors_infos(path) if path.suffix == ".safetensors" else _bin_infos(path)
         for name, info in infos.items():
             if name in tensors:
                 raise InputModelError(f"{root}: tensor '{name}' is stored twice ({tensors[name].file.name}, {path.name})")
             tensors[name] = info
     return ShardIndex(root, tensors)
+
+
+def _allowed_root(root: Path) -> Path:
+    """Where a model's files may live: its directory, or for a Hugging Face cache snapshot (whose files are
+    symlinks to ../../blobs) the cached repository."""
+    root = root.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent
+    return root
 
 
 def read_config(root: Path) -> dict:
