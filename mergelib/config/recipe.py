@@ -7,10 +7,11 @@ unknown parameter names, a model listed twice, and a global parameter set per mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from mergelib.errors import RecipeError, did_you_mean
 
@@ -100,11 +101,53 @@ class Slice(_Strict):
     residual_weight: float | None = None  # parsed for compatibility; mergekit does not use it either
 
 
+class ModelTokenSource(_Strict):
+    """`{kind: model_token, model, token | token_id}`: take the row of another token (or id) of a model."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token: str | None = None
+    token_id: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("model_token: give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(_Strict):
+    """`{kind: zero}`: a zero row."""
+
+    kind: Literal["zero"]
+
+
+def _token_source_kind(value: Any) -> str:
+    if isinstance(value, dict) and "kind" in value:
+        return str(value["kind"])
+    return getattr(value, "kind", "model")  # a model reference (string or mapping) has no kind
+
+
+TokenSource = Annotated[
+    Annotated[ModelTokenSource, Tag("model_token")] | Annotated[ZeroSource, Tag("zero")]
+    | Annotated[ModelRef, Tag("model")],
+    Discriminator(_token_source_kind, custom_error_type="token_source",
+                  custom_error_message="a token source is a model, {kind: model_token, ...} or {kind: zero}"),
+]
+
+
+class TokenEmbedding(_Strict):
+    """One entry of `tokenizer.tokens`: where the token's embedding row comes from."""
+
+    source: TokenSource | None = None
+    force: bool = False  # also replace the rows of models that have the token
+
+
 class TokenizerConfig(_Strict):
-    """The `tokenizer:` block (assembled vocabulary); see the tokenizer issue."""
+    """The `tokenizer:` block (assembled vocabulary); see mergelib/tokenizer."""
 
     source: str = "union"
-    tokens: dict[str, Any] | None = None
+    tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
@@ -205,7 +248,8 @@ def _location(loc: tuple) -> str:
 
 
 _ALL_KEYS = set().union(
-    *(_field_names(m) for m in (MergeRecipe, InputModel, SliceSource, Slice, TokenizerConfig, ModelRef)),
+    *(_field_names(m) for m in (MergeRecipe, InputModel, SliceSource, Slice, TokenizerConfig, TokenEmbedding,
+                              ModelTokenSource, ModelRef)),
     {"model", "lora", "filter", "value"},
 )
 
