@@ -85,27 +85,16 @@ def plan_merge(
     )
 
 
-def _tokenizer_donor(plan: MergePlan) -> Path:
-    recipe = plan.recipe
-    if recipe.tokenizer is not None or recipe.tokenizer_source not in (None, "base"):
-        source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-        matches = [m for m in plan.models if m.label == source]
-        if matches:
-            return matches[0].path
-        raise OutputError(
-            f"tokenizer source '{source}': assembling a tokenizer (union or a model that is not an input) "
-            "is not supported by this version; use tokenizer_source: base or an input model"
-        )
-    return plan.models[plan.donor].path
-
-
-def _copy_tokenizer(plan: MergePlan, staged: Path) -> None:
-    if plan.recipe.chat_template is not None:
-        raise OutputError("chat_template: setting a chat template is not supported by this version")
-    donor = _tokenizer_donor(plan)
-    for name in TOKENIZER_FILES + TAGALONG_FILES:
+def _write_tokenizer(plan: MergePlan, staged: Path) -> None:
+    """The assembled tokenizer when the recipe plans one, else the donor's (base, or first model) files."""
+    donor = plan.models[plan.donor].path
+    names = TAGALONG_FILES if plan.tokenizer is not None else TOKENIZER_FILES + TAGALONG_FILES
+    for name in names:
         if (donor / name).is_file():
             shutil.copyfile(donor / name, staged / name)
+    if plan.tokenizer is not None:
+        plan.tokenizer.save(staged)
+        (staged / "tokenizer_report.md").write_text(plan.tokenizer.report.rstrip() + "\n")
 
 
 def merge(
@@ -154,8 +143,8 @@ def merge(
                          metadata=metadata, journal=journal)
         write_index(staged, plan.shards, {"mergelib_version": metadata["mergelib_version"]})
         (staged / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-        if copy_tokenizer:
-            _copy_tokenizer(plan, staged)
+        if copy_tokenizer or plan.tokenizer is not None:
+            _write_tokenizer(plan, staged)
         hasher.join()
         _write_records(plan, staged, seed, hashes)
         failpoint("before-commit")

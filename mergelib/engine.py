@@ -25,6 +25,7 @@ from mergelib.methods import MethodInputs
 from mergelib.methods.base import StreamInputs
 from mergelib.plan import MergePlan, SourceTensor, TensorJob
 from mergelib.rng import generator_for
+from mergelib.tokenizer import align_rows
 
 
 class MemoryBudget:
@@ -79,6 +80,17 @@ def load_rows(plan: MergePlan, source: SourceTensor, start: int, end: int) -> to
     return _prepare(plan, read_rows(source.name, source.info, start, end), source, rows=True)
 
 
+def _aligned_inputs(plan: MergePlan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Embedding matrices with their rows mapped onto the output vocabulary (fill rules need every input)."""
+    label = {s.model: plan.models[s.model].label for s in job.inputs}
+    raw = {label[s.model]: read_tensor(s.name, s.info) for s in job.inputs}
+
+    def aligned(source: SourceTensor) -> torch.Tensor:
+        return _prepare(plan, align_rows(plan.tokenizer, label[source.model], raw), source, rows=False)
+
+    return [aligned(s) for s in job.sources], aligned(job.base) if job.base is not None else None
+
+
 def _merge_whole(plan: MergePlan, job: TensorJob, seed: int, sources, base) -> torch.Tensor:
     inputs = MethodInputs(
         tensors=tuple(sources),
@@ -103,7 +115,10 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit) -> None:
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
         emit(start, rows.to(job.dtype))
 
-    if job.mode == "whole":
+    if job.align:
+        sources, base = _aligned_inputs(plan, job)
+        out(0, _merge_whole(plan, job, seed, sources, base))
+    elif job.mode == "whole":
         sources = [load_source(plan, s) for s in job.sources]
         base = load_source(plan, job.base) if job.base is not None else None
         out(0, _merge_whole(plan, job, seed, sources, base))

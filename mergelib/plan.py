@@ -22,6 +22,7 @@ from mergelib.io.hub import resolve_model
 from mergelib.io.index import ShardIndex, TensorInfo, index_model, read_config
 from mergelib.io.writer import TensorSlot, shard_names
 from mergelib.methods import MethodSpec, Params, get_method
+from mergelib.tokenizer import TokenizerPlan, plan_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WORK_FACTOR = 4  # float32 copies a method holds beyond its inputs (stacked deltas, masks, result)
@@ -67,6 +68,7 @@ class TensorJob:
     params: Params
     model_params: tuple[Params, ...]
     mode: str = "whole"  # "whole": merge whole tensors; "rows": merge per row block; "stream": two-phase
+    align: bool = False  # embedding rows are permuted/filled to the output vocabulary before the method runs
 
     @property
     def block_rows(self) -> int:
@@ -119,6 +121,7 @@ class MergePlan:
     donor: int  # model whose tokenizer files are copied
     notes: tuple[str, ...] = field(default=())
     allow_nan: bool = False  # merge inputs holding NaN/Inf instead of stopping at the first
+    tokenizer: TokenizerPlan | None = None  # output vocabulary, when the recipe assembles one
 
     @property
     def bytes_read(self) -> int:
@@ -317,6 +320,8 @@ def build_plan(
                 "pass --allow-crimes to merge different architectures whose shapes agree"
             )
 
+    tokenizer = _plan_tokenizer(recipe, models, spec, slices)
+    align = tokenizer is not None and (recipe.tokenizer is not None or recipe.tokenizer_source is not None)
     cache = _ParamCache(method)
     out_override = DTYPES[out_dtype] if out_dtype else None
     working = DTYPES[recipe.dtype] if recipe.dtype else None
@@ -353,7 +358,13 @@ def build_plan(
         infos = {id(src): models[src.model].index.tensors[name] for src, name, _ in found}
         shapes = {tuple(info.shape) for info in infos.values()}
         target = tuple(infos[id(members[0])].shape)
-        if len(shapes) > 1:
+        aligned = align and embed
+        if aligned:  # every input's rows are mapped onto the output vocabulary, so only the columns must agree
+            if len({s[1:] for s in shapes}) > 1:
+                detail = ", ".join(f"{models[s.model].label}: {list(infos[id(s)].shape)}" for s, _, _ in found)
+                raise InputModelError(f"tensor '{out_name}' has different widths across models ({detail})")
+            target = (tokenizer.vocab_size, *target[1:])
+        elif len(shapes) > 1:
             detail = ", ".join(f"{models[s.model].label}: {list(infos[id(s)].shape)}" for s, _, _ in found)
             if not embed or len({len(s) for s in shapes}) > 1:
                 raise InputModelError(f"tensor '{out_name}' has different shapes across models ({detail})")
@@ -368,7 +379,8 @@ def build_plan(
             notes.append(f"{out_name}: vocabularies differ ({detail}); kept the first {target[0]} rows")
         sources = {
             id(src): SourceTensor(
-                src.model, name, infos[id(src)], target if tuple(infos[id(src)].shape) != target else None
+                src.model, name, infos[id(src)],
+                target if tuple(infos[id(src)].shape) != target and not aligned else None,
             )
             for src, name, _ in found
         }
@@ -395,11 +407,12 @@ def build_plan(
         for dim in target:
             numel *= dim
         mode = "whole"
-        if numel >= STREAM_NUMEL and len(target) >= 1 and target[0] > 1:
+        if numel >= STREAM_NUMEL and len(target) >= 1 and target[0] > 1 and not aligned:
             mode = "stream" if method.stream is not None else ("rows" if method.rowwise else "whole")
         jobs.append(
             TensorJob(
                 mode=mode,
+                align=aligned,
                 name=out_name,
                 shape=target,
                 dtype=dtype,
@@ -440,11 +453,31 @@ def build_plan(
             notes.append(f"not merged (unknown to the {spec.family} spec): {', '.join(extra[:8])}")
 
     config = _output_config(ref_model, spec, out_layer, layer_origin, models, any_untied_head, jobs)
+    if align:
+        config["vocab_size"] = tokenizer.vocab_size
     shards = _shard_layout(jobs, out_shard_size)
     donor = reference
     return MergePlan(
-        recipe, method, tuple(models), tuple(jobs), shards, config, working, donor, tuple(notes), allow_nan
+        recipe, method, tuple(models), tuple(jobs), shards, config, working, donor, tuple(notes), allow_nan,
+        tokenizer,
     )
+
+
+def _plan_tokenizer(recipe: MergeRecipe, models: list[InputModel], spec: ArchSpec, slices) -> TokenizerPlan | None:
+    """The output vocabulary when the recipe sets `tokenizer`, `tokenizer_source` or `chat_template`."""
+    if recipe.tokenizer is None and recipe.tokenizer_source is None and recipe.chat_template is None:
+        return None
+    embed = next((w for w in (*spec.pre_weights, *spec.post_weights) if w.embed), None)
+    sizes = {}
+    for m in models:
+        info = m.index.tensors.get(embed.name) if embed else None
+        sizes[m.label] = info.shape[0] if info is not None else int(m.config.get("vocab_size", 0))
+    first = slices[0]
+    base = models[first.base.model].label if first.base is not None else (
+        str(recipe.base_model) if recipe.base_model is not None else None
+    )
+    return plan_tokenizer({m.label: m.path for m in models}, base, recipe.tokenizer, recipe.tokenizer_source,
+                          recipe.chat_template, sizes)
 
 
 def _is_known(spec: ArchSpec, name: str, model: InputModel) -> bool:
