@@ -62,7 +62,12 @@ def recipes(family) -> dict[str, dict]:
                 "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, 0.3, 0.2))],
                 "parameters": {"density": 0.5},
             }
-            for method in ("ties", "dare_ties", "della", "model_stock", "task_arithmetic")
+            for method in ("ties", "dare_ties", "della", "task_arithmetic")
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": str(family.base),
+            "models": [{"model": m} for m in fts],
         },
     }
 

@@ -56,18 +56,25 @@ def default_memory_budget(plan: MergePlan) -> int:
     return int(min(psutil.virtual_memory().available * 0.5, max(256 << 20, largest * 1.25)))
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf anywhere. A sum is non-finite whenever an element is, and costs a fraction of an elementwise
+    test; only then (or on an overflow of the sum itself) is the exact test run."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
-    if not plan.allow_nan and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise InputModelError(
-            f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
-            "(the first found; others may follow); fix the checkpoint or pass --allow-nan to merge anyway"
-        )
     if source.crop is not None:  # a larger vocabulary than the output's: keep the leading block
         first = slice(None) if rows else slice(0, source.crop[0])  # row blocks are already inside the crop
         tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
     if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
         tensor = tensor.to(plan.working_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
-    return tensor.to(torch.float32)
+    tensor = tensor.to(torch.float32)
+    if not plan.allow_nan and not _all_finite(tensor):
+        raise InputModelError(
+            f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
+            "(the first found; others may follow); fix the checkpoint or pass --allow-nan to merge anyway"
+        )
+    return tensor
 
 
 def load_source(plan: MergePlan, source: SourceTensor) -> torch.Tensor:

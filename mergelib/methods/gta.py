@@ -58,8 +58,9 @@ class DellaModelParams(GTAModelParams):
         return self
 
 
-# A sparsifier turns one task vector into its keep mask (bool, same shape).
-Sparsifier = Callable[[torch.Tensor, GTAModelParams, torch.Generator | None], torch.Tensor]
+# A sparsifier turns one task vector into its keep mask (bool, same shape). Every one depends on |delta| only,
+# so the streamed path hands them the magnitudes (`absolute=True`) and keeps a single float buffer.
+Sparsifier = Callable[..., torch.Tensor]
 
 
 def _seeded(generator: torch.Generator | None) -> torch.Generator:
@@ -68,19 +69,23 @@ def _seeded(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def _magnitude(delta: torch.Tensor, p: GTAModelParams, generator: torch.Generator | None) -> torch.Tensor:
-    return masks.magnitude_mask(delta, p.density)
+def _magnitude(delta: torch.Tensor, p: GTAModelParams, generator: torch.Generator | None,
+               absolute: bool = False) -> torch.Tensor:
+    return masks.magnitude_mask(delta, p.density, absolute=absolute)
 
 
-def _random(delta: torch.Tensor, p: GTAModelParams, generator: torch.Generator | None) -> torch.Tensor:
+def _random(delta: torch.Tensor, p: GTAModelParams, generator: torch.Generator | None,
+            absolute: bool = False) -> torch.Tensor:
     return masks.random_mask(delta, p.density, _seeded(generator))
 
 
-def _outliers(delta: torch.Tensor, p: BreadcrumbsModelParams, generator: torch.Generator | None) -> torch.Tensor:
-    return masks.outlier_mask(delta, p.density, p.gamma)
+def _outliers(delta: torch.Tensor, p: BreadcrumbsModelParams, generator: torch.Generator | None,
+              absolute: bool = False) -> torch.Tensor:
+    return masks.outlier_mask(delta, p.density, p.gamma, absolute=absolute)
 
 
-def _magprune(delta: torch.Tensor, p: DellaModelParams, generator: torch.Generator | None) -> torch.Tensor:
+def _magprune(delta: torch.Tensor, p: DellaModelParams, generator: torch.Generator | None,
+              absolute: bool = False) -> torch.Tensor:
     return masks.magprune_mask(delta, p.density, p.epsilon, _seeded(generator))
 
 
@@ -139,7 +144,8 @@ def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, 
 
     Phase 1, one model at a time: the whole task vector (its selection is tensor-wide), its keep mask (bool) and
     its L1 rescale factor. Phase 2, per row block: re-read the rows, apply masks and factors, `_combine`.
-    Peak: one float32 task vector and its selection temporaries, plus one bool mask per model.
+    Peak: one float32 |task vector| and its selection temporaries (about 9 bytes per element), plus one bool mask
+    per model.
     """
     shape, step = inputs.shape, max(1, inputs.chunk_rows)
     rows = shape[0]
@@ -154,17 +160,19 @@ def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, 
             kept.append(None)
             factors.append(None)
             continue
-        delta = torch.empty(shape, dtype=torch.float32)
+        magnitude = torch.empty(shape, dtype=torch.float32)  # |delta_i|: all a sparsifier and the L1 norms need
         for start in range(0, rows, step):
             end = min(rows, start + step)
-            torch.sub(inputs.read(i, start, end), inputs.read(-1, start, end), out=delta[start:end])
-        mask = sparsify(delta, p, inputs.generator)
+            block = magnitude[start:end]
+            torch.sub(inputs.read(i, start, end), inputs.read(-1, start, end), out=block)
+            block.abs_()
+        mask = sparsify(magnitude, p, inputs.generator, absolute=True)
         factor = None
-        if params.rescale:
-            before = float(delta.abs().sum(dtype=torch.float64))
-            after = float((delta * mask).abs().sum(dtype=torch.float64))
+        if params.rescale:  # the same sums as masks.l1_rescale: |delta * mask| == |delta| * mask exactly
+            before = float(magnitude.sum(dtype=torch.float64))
+            after = float(magnitude.mul_(mask).sum(dtype=torch.float64))
             factor = before / after if before >= 1e-7 and after >= 1e-7 else None
-        del delta
+        del magnitude
         kept.append(mask)
         factors.append(factor)
     for start in range(0, rows, step):

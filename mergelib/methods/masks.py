@@ -21,7 +21,7 @@ def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
     return torch.where(elected_positive, weighted > 0, weighted < 0)  # [N, ...] bool
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(delta: torch.Tensor, density: float, *, absolute: bool = False) -> torch.Tensor:
     """TIES trim: keep the k = floor(density*numel) largest |delta| over the whole flattened tensor.
 
     density >= 1 keeps everything. k == 0 keeps nothing (mergekit asserts k > 0 instead).
@@ -29,7 +29,8 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     k = int(density * delta.numel())  # mergekit's int(): floor for density >= 0
-    return top_k_mask(delta.abs().flatten(), k).view(delta.shape)
+    magnitude = delta if absolute else delta.abs()  # absolute: `delta` already holds |delta| (saves a copy)
+    return top_k_mask(magnitude.flatten(), k).view(delta.shape)
 
 
 def _uniform(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -50,7 +51,7 @@ def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator)
     return _uniform(delta, generator) < density
 
 
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float, *, absolute: bool = False) -> torch.Tensor:
     """Model Breadcrumbs: drop the n_top = floor(gamma*N) largest and the n_bot smallest |delta|.
 
     keep = floor(density*N) and n_bot = N - keep - n_top; when n_bot < 0 the top cut shrinks by that much.
@@ -65,7 +66,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     n_bot = n - n_keep - n_top
     if n_bot < 0:
         n_top, n_bot = n_top + n_bot, 0
-    magnitude = delta.abs().flatten()
+    magnitude = (delta if absolute else delta.abs()).flatten()
     # Top-k masks are nested in one total order, so their difference is the band of ranks [n_top, n - n_bot).
     band = top_k_mask(magnitude, n - n_bot) & ~top_k_mask(magnitude, n_top)
     return band.view(delta.shape)
