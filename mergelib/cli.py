@@ -1,4 +1,5 @@
-"""The `mergelib` command: `merge CONFIG OUT [options]` and `methods`. Bad input: one line on stderr, exit 2."""
+"""The `mergelib` command: `merge CONFIG OUT`, `moe CONFIG OUT`, `extract-lora`, `methods`.
+Bad input: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -56,8 +57,44 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nan", action="store_true", help="merge inputs that hold NaN/Inf values")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, memory) and stop")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--intermediate-dir", "-I", default=None,
+                   help="multi-document recipes: where named stages are written (default OUT.intermediate)")
     sub.add_parser("methods", help="list the merge methods with their parameters, defaults and papers")
+    _add_moe(sub)
+    _add_extract_lora(sub)
     return parser
+
+
+def _add_moe(sub) -> None:
+    p = sub.add_parser("moe", help="build a sparse mixture of experts (Mixtral / Qwen2-MoE) from dense models")
+    p.add_argument("config", help="MoE config YAML (mergekit-moe format)")
+    p.add_argument("out", help="output directory (replaced atomically on success)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random gates and expert noise (default 0)")
+    p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="max bytes per shard (5GB)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass for gate_mode hidden (16)")
+    p.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the base model's tokenizer files (default on)")
+    p.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same", action="store_true",
+                   help="allow every expert to be the same model")
+
+
+def _add_extract_lora(sub) -> None:
+    p = sub.add_parser("extract-lora", help="extract a PEFT LoRA adapter from a fine-tune's difference to its base")
+    p.add_argument("--model", required=True, help="the fine-tuned model (directory or Hub id)")
+    p.add_argument("--base", "--base-model", dest="base", required=True, help="the model it was fine-tuned from")
+    p.add_argument("--out", "--out-path", dest="out", required=True, help="adapter output directory")
+    p.add_argument("--max-rank", type=int, default=128, help="largest LoRA rank per module (default 128)")
+    p.add_argument("--sv-epsilon", type=float, default=0.0,
+                   help="drop singular values <= this (default 0: keep every non-zero one up to --max-rank)")
+    p.add_argument("--include-regex", "-i", action="append", default=[], metavar="RE",
+                   help="only modules whose name matches (repeatable)")
+    p.add_argument("--exclude-regex", "-e", action="append", default=[], metavar="RE",
+                   help="skip modules whose name matches (repeatable)")
+    p.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True,
+                   help="split the singular values as sqrt(S) into both factors (default on)")
+    p.add_argument("--embed-lora", action="store_true", help="LoRA on embeddings instead of storing them whole")
+    p.add_argument("--skip-undecomposable", action="store_true",
+                   help="skip changed modules a LoRA cannot hold (norms) instead of storing them whole")
 
 
 def _param_lines(model) -> list[str]:
@@ -84,9 +121,13 @@ def cmd_methods() -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelib.api import merge
+    from mergelib.config.recipe import load_recipes
 
+    recipes = load_recipes(args.config)
+    if len(recipes) > 1:
+        return cmd_multi(args, recipes)
     result = merge(
-        args.config, args.out, seed=args.seed, out_shard_size=args.out_shard_size, threads=args.threads,
+        recipes[0], args.out, seed=args.seed, out_shard_size=args.out_shard_size, threads=args.threads,
         copy_tokenizer=args.copy_tokenizer, allow_crimes=args.allow_crimes,
         trust_remote_code=args.trust_remote_code, quiet=args.quiet, dry_run=args.dry_run, dtype=args.dtype,
         memory_budget=args.memory_budget, allow_nan=args.allow_nan,
@@ -111,12 +152,66 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_multi(args: argparse.Namespace, recipes) -> int:
+    from mergelib.multi import merge_multi
+
+    result = merge_multi(
+        recipes, args.out, intermediate_dir=args.intermediate_dir, seed=args.seed, dry_run=args.dry_run,
+        out_shard_size=args.out_shard_size, threads=args.threads, copy_tokenizer=args.copy_tokenizer,
+        allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code, quiet=args.quiet,
+        dtype=args.dtype, memory_budget=args.memory_budget, allow_nan=args.allow_nan,
+    )
+    for run in result.stages:
+        label = run.name or "(final)"
+        if run.reused:
+            state = "unchanged, reused"
+        elif run.result is None:
+            state = "would run (after the stages it uses)"
+        elif args.dry_run:
+            state = f"would merge {run.result.n_tensors} tensors"
+        else:
+            state = f"merged {run.result.n_tensors} tensors in {run.result.seconds:.1f}s"
+        print(f"stage {label}: {state} -> {run.out_dir}")
+    return 0
+
+
+def cmd_moe(args: argparse.Namespace) -> int:
+    from mergelib.moe import build_moe
+
+    result = build_moe(args.config, args.out, seed=args.seed, out_shard_size=args.out_shard_size,
+                       batch_size=args.batch_size, allow_all_same=args.allow_all_same,
+                       copy_tokenizer=args.copy_tokenizer)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"built a {result.architecture} with {result.n_experts} experts: {result.n_tensors} tensors "
+          f"({_human(result.bytes_written)}) in {result.out_dir} in {result.seconds:.1f}s")
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from mergelib.lora import extract_lora
+
+    result = extract_lora(args.model, args.base, args.out, max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
+                          include=args.include_regex, exclude=args.exclude_regex,
+                          distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
+                          skip_undecomposable=args.skip_undecomposable)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    worst = max(result.errors.values(), default=0.0)
+    print(f"extracted {len(result.ranks)} LoRA modules (rank <= {max(result.ranks.values(), default=0)}, worst "
+          f"relative error {worst:.3g}) and {len(result.saved_modules)} whole modules into {result.out_dir}")
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "moe": cmd_moe, "extract-lora": cmd_extract_lora}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "methods":
             return cmd_methods()
-        return cmd_merge(args)
+        return COMMANDS[args.command](args)
     except MergelibError as exc:
         print(f"mergelib: error: {exc}", file=sys.stderr)
         return exc.exit_code

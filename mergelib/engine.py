@@ -7,6 +7,7 @@ the order in which tensors finish.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -50,10 +51,20 @@ class MemoryBudget:
 
 
 def default_memory_budget(plan: MergePlan) -> int:
-    """Room for the largest tensor's work plus a quarter more for small tensors alongside it, capped at half of
-    the memory available now: peak memory follows the largest tensor, not the model."""
+    """Room for the largest tensor's work (smaller tensors share it in parallel), capped at half of the memory
+    available now: peak memory follows the largest tensor, not the model."""
     largest = max((job.work_bytes for job in plan.jobs), default=0)
-    return int(min(psutil.virtual_memory().available * 0.5, max(256 << 20, largest * 1.25)))
+    return int(min(psutil.virtual_memory().available * 0.5, max(256 << 20, largest)))
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to serve every allocation over 1 MiB with its own mmap, so freed tensors go back to the system
+    at once (its adaptive threshold otherwise grows to 32 MiB and keeps freed blocks in per-thread arenas)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -223,6 +234,7 @@ def execute(
         if last:
             finish(fname)
 
+    _return_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")

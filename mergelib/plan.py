@@ -26,7 +26,7 @@ from mergelib.tokenizer import TokenizerPlan, plan_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WORK_FACTOR = 4  # float32 copies a method holds beyond its inputs (stacked deltas, masks, result)
-STREAM_NUMEL = 1 << 22  # tensors from this size up are merged in row blocks when the method allows it
+STREAM_NUMEL = 1 << 24  # tensors from this size up (embeddings) are merged in row blocks when the method allows it
 BLOCK_NUMEL = 1 << 20  # elements per input in one row block
 
 
@@ -133,11 +133,11 @@ class MergePlan:
 
     def peak_memory(self, threads: int) -> int:
         """Estimated peak working memory with `threads` tensors in flight under the default budget
-        (room for the largest tensor's work plus a quarter; see engine.default_memory_budget)."""
+        (room for the largest tensor's work; see engine.default_memory_budget)."""
         costs = sorted((j.work_bytes for j in self.jobs), reverse=True)
         if not costs:
             return 0
-        return min(sum(costs[: max(1, threads)]), max(costs[0], int(costs[0] * 1.25)))
+        return min(sum(costs[: max(1, threads)]), max(costs[0], 256 << 20))
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,11 @@ class _ModelTable:
         key = str(ref)
         if key in self._by_key:
             return self._by_key[key]
-        if ref.lora:
-            raise RecipeError(f"model '{key}': LoRA references (model+lora) are not supported by this version")
         path = resolve_model(ref.path, ref.revision)
+        if ref.lora:
+            from mergelib.lora import lora_input  # late: only recipes with model+lora need it
+
+            path = lora_input(path, ref.lora)
         config = read_config(path)
         if config.get("auto_map") and not self.trust_remote_code:
             raise InputModelError(

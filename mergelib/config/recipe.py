@@ -268,10 +268,8 @@ def recipe_error(exc: ValidationError, source: str = "recipe") -> RecipeError:
     return RecipeError(f"{source}: {where + ': ' if where else ''}{msg}")
 
 
-def load_recipe(source: str | Path | dict | MergeRecipe) -> MergeRecipe:
-    """A validated recipe from a YAML file, a YAML string, a dict or a recipe; RecipeError on any problem."""
-    if isinstance(source, MergeRecipe):
-        return source
+def _documents(source: str | Path | dict) -> tuple[str, list]:
+    """(label for messages, the YAML documents) of a file path, a YAML string or a dict."""
     label = "recipe"
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yml", ".yaml"))):
         path = Path(source)
@@ -281,21 +279,45 @@ def load_recipe(source: str | Path | dict | MergeRecipe) -> MergeRecipe:
         except OSError as exc:
             raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}); check the path") from None
         source = text
-    if isinstance(source, str):
-        try:
-            docs = [d for d in yaml.safe_load_all(source) if d is not None]
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-        if len(docs) != 1:
-            raise RecipeError(f"{label}: expected one YAML document with a recipe, found {len(docs)}")
-        source = docs[0]
-    if not isinstance(source, dict):
+    if not isinstance(source, str):
+        return label, [source]
+    try:
+        return label, [d for d in yaml.safe_load_all(source) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+
+
+def _validate(doc: object, label: str) -> MergeRecipe:
+    if not isinstance(doc, dict):
         raise RecipeError(f"{label}: a recipe is a mapping with 'merge_method' and 'models' or 'slices'")
     try:
-        return MergeRecipe.model_validate(source)
+        return MergeRecipe.model_validate(doc)
     except RecipeError as exc:
         raise RecipeError(f"{label}: {exc}") from None
     except ValidationError as exc:
         raise recipe_error(exc, label) from None
+
+
+def load_recipe(source: str | Path | dict | MergeRecipe) -> MergeRecipe:
+    """A validated recipe from a YAML file, a YAML string, a dict or a recipe; RecipeError on any problem."""
+    if isinstance(source, MergeRecipe):
+        return source
+    label, docs = _documents(source)
+    if len(docs) != 1:
+        raise RecipeError(f"{label}: expected one YAML document with a recipe, found {len(docs)}")
+    return _validate(docs[0], label)
+
+
+def load_recipes(source: str | Path | dict | MergeRecipe) -> list[MergeRecipe]:
+    """Every recipe of a (possibly multi-document, `---`-separated) YAML file or string, validated, in document
+    order; errors name the document (`recipe.yml: document 2: ...`). A mergekit-multi file is one of these."""
+    if isinstance(source, MergeRecipe):
+        return [source]
+    label, docs = _documents(source)
+    if not docs:
+        raise RecipeError(f"{label}: no recipe found (the file is empty)")
+    if len(docs) == 1:
+        return [_validate(docs[0], label)]
+    return [_validate(doc, f"{label}: document {i + 1}") for i, doc in enumerate(docs)]

@@ -1,0 +1,164 @@
+"""The `mergelib moe` config: mergekit-moe's YAML schema, strict (unknown keys are errors that suggest a match).
+
+See ../shared/reference/mergekit-semantics.md section 2(b), `mergekit-moe`. Differences on purpose: unknown keys
+are errors; `uniform_random` needs no prompts (mergekit asks for them and ignores them); a config whose experts all
+share one prompt set is refused for every prompt-based gate mode, as in mergekit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergelib.config.recipe import DType, ModelRef
+from mergelib.errors import RecipeError, did_you_mean
+
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+PROMPT_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Expert(_Strict):
+    """A dense model whose MLP becomes one expert of every layer."""
+
+    source_model: ModelRef
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    noise_scale: float | None = Field(default=None, ge=0)  # std of Gaussian noise added to the expert's weights
+    residual_scale: float | None = None  # multiplies the expert's down_proj (its contribution to the residual)
+
+    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("positive_prompts", "negative_prompts")
+    @classmethod
+    def _non_blank(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("a prompt is empty; remove it or write the text that should route to this expert")
+        return value
+
+
+class MoEConfig(_Strict):
+    """A sparse mixture of experts built from dense models of one architecture and size."""
+
+    base_model: ModelRef  # attention, norms and embeddings; also computes the router rows (gate_mode hidden)
+    experts: list[Expert] = Field(min_length=1)
+    gate_mode: GateMode = "hidden"
+    dtype: DType | None = None
+    experts_per_token: int = Field(default=2, ge=1)
+    shared_experts: list[Expert] = Field(default_factory=list)
+    architecture: str | None = None
+
+    @field_validator("shared_experts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Any:
+        return value.removeprefix("torch.") if isinstance(value, str) else value
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().lower()
+        if name.startswith("mixtral"):
+            return "mixtral"
+        if name.startswith("qwen") and not name.startswith("qwen3"):
+            return "qwen"  # "qwen", "Qwen MoE" (mergekit's name), "qwen2_moe"
+        raise ValueError(f"'{value}' is not an output architecture this version writes; use mixtral or qwen")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoEConfig:
+        if self.experts_per_token > len(self.experts):
+            raise ValueError(
+                f"experts_per_token is {self.experts_per_token} but there are {len(self.experts)} experts; "
+                "lower it or add experts"
+            )
+        if len(self.shared_experts) > 1:
+            raise ValueError("shared_experts: at most one shared expert (Qwen2-MoE layout) is supported")
+        arch = "qwen" if self.shared_experts else "mixtral"
+        if self.architecture is not None and self.architecture != arch:
+            need = "one entry in shared_experts" if self.architecture == "qwen" else "no shared_experts"
+            raise ValueError(f"architecture '{self.architecture}' needs {need}")
+        if self.gate_mode in PROMPT_MODES:
+            for where, group in (("experts", self.experts), ("shared_experts", self.shared_experts)):
+                for i, expert in enumerate(group):
+                    if not expert.positive_prompts:
+                        raise ValueError(
+                            f"{where}[{i}].positive_prompts: gate_mode '{self.gate_mode}' needs example prompts "
+                            "for every expert (or use gate_mode: random)"
+                        )
+            sets = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in self.experts}
+            if len(self.experts) > 1 and len(sets) == 1:
+                raise ValueError(
+                    "experts: every expert has the same prompts, so the router cannot tell them apart; give each "
+                    "expert prompts of what it should handle"
+                )
+        return self
+
+    @property
+    def output_architecture(self) -> str:
+        """`mixtral` without a shared expert, `qwen` (Qwen2-MoE) with one."""
+        return "qwen" if self.shared_experts else "mixtral"
+
+
+_KEYS = {f.alias or n for m in (MoEConfig, Expert) for n, f in m.model_fields.items()}
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or str(part).startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def load_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
+    """A validated MoE config from a YAML file, a dict or a config; RecipeError (one line) on any problem."""
+    if isinstance(source, MoEConfig):
+        return source
+    label = "moe config"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        label = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot read the MoE config ({exc.strerror}); check the path") from None
+        try:
+            source = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(source, dict):
+        raise RecipeError(f"{label}: an MoE config is a mapping with 'base_model' and 'experts'")
+    try:
+        return MoEConfig.model_validate(source)
+    except ValidationError as exc:
+        errors = exc.errors()
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        where = _where(err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = did_you_mean(str(err["loc"][-1]), _KEYS)
+            raise RecipeError(f"{label}: unknown key '{where}'{hint}") from None
+        if err["type"] == "missing":
+            raise RecipeError(f"{label}: missing required key '{where}'") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RecipeError(f"{label}: {where + ': ' if where else ''}{msg}") from None
