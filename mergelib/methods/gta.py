@@ -103,11 +103,14 @@ def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, p
         return base.clone()
     weighted = torch.empty((len(inputs.tensors), *base.shape), dtype=base.dtype, device=base.device)  # [N, ...]
     for i, (tensor, p) in enumerate(zip(inputs.tensors, inputs.model_params, strict=True)):
-        delta = tensor - base
+        delta = torch.sub(tensor, base, out=weighted[i])  # built in place: w_i * s_i(delta_i), one buffer
         if sparsify is not None and p.density < 1:  # density 1 keeps everything for every sparsifier
             mask = sparsify(delta, p, inputs.generator)
-            delta = masks.l1_rescale(delta, mask) if params.rescale else delta * mask
-        torch.mul(delta, p.weight, out=weighted[i])
+            factor = masks.l1_factor(delta, mask) if params.rescale else None
+            delta.mul_(mask)
+            if factor is not None:
+                delta.mul_(factor)
+        delta.mul_(p.weight)
     return _combine(weighted, inputs.model_params, consensus, params, base)
 
 
@@ -168,10 +171,8 @@ def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, 
             block.abs_()
         mask = sparsify(magnitude, p, inputs.generator, absolute=True)
         factor = None
-        if params.rescale:  # the same sums as masks.l1_rescale: |delta * mask| == |delta| * mask exactly
-            before = float(magnitude.sum(dtype=torch.float64))
-            after = float(magnitude.mul_(mask).sum(dtype=torch.float64))
-            factor = before / after if before >= 1e-7 and after >= 1e-7 else None
+        if params.rescale:
+            factor = masks.l1_factor(magnitude, mask)
         del magnitude
         kept.append(mask)
         factors.append(factor)
@@ -182,9 +183,9 @@ def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, 
         for i, p in enumerate(inputs.model_params):
             delta = inputs.read(i, start, end) - base
             if kept[i] is not None:
-                delta = delta * kept[i][start:end]
+                delta.mul_(kept[i][start:end])
                 if factors[i] is not None:
-                    delta = delta * factors[i]
+                    delta.mul_(factors[i])
             torch.mul(delta, p.weight, out=weighted[i])
         inputs.emit(start, _combine(weighted, inputs.model_params, consensus, params, base))
 

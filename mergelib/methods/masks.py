@@ -98,14 +98,21 @@ def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, generator
     return _uniform(delta, generator) < keep_prob.view(delta.shape)
 
 
-def l1_rescale(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`delta*mask` scaled by ||delta||_1 / ||delta*mask||_1 (one scalar per tensor); unscaled if either < 1e-7.
+def l1_factor(delta: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """||delta||_1 / ||delta*mask||_1 (one scalar per tensor), or None when either is < 1e-7 (no rescale).
 
     This is mergekit's `rescale` (what users' recipes get), not the DARE/DELLA papers' per-element 1/p.
+    |delta * mask| equals |delta| * mask exactly, so magnitudes may be passed for `delta`.
     """
-    masked = delta * mask
     before = float(delta.abs().sum(dtype=torch.float64))
-    after = float(masked.abs().sum(dtype=torch.float64))
+    after = float(torch.where(mask, delta.abs(), 0.0).sum(dtype=torch.float64))
     if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+        return None
+    return before / after
+
+
+def l1_rescale(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`delta*mask` scaled by l1_factor (unscaled when the factor is None)."""
+    masked = delta * mask
+    factor = l1_factor(delta, mask)
+    return masked if factor is None else masked * factor
