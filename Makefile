@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# The pipeline on the embedded demo family: `dvc repro` (git and DVC initialised first where missing, e.g. in an
+# unpacked archive), then a table of what each stage produced. Stage commands find `python` on PATH: the venv's.
 demo: $(STAMP)
-	$(BIN)/python -m mergelib.demo
+	@test -d .git || git init -q
+	@test -f .dvc/config || { $(BIN)/dvc init -q && $(BIN)/dvc config hydra.enabled true; }
+	@start=$$(date +%s); export PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	  $(BIN)/dvc repro && $(BIN)/python -m stages.summary --repro-seconds $$(( $$(date +%s) - start ))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

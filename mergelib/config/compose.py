@@ -137,12 +137,15 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write params.yaml composed from conf/ (with overrides), or with --check report whether it drifted."""
+    """Write params.yaml composed from conf/ (with overrides) and validated, or with --check report drift."""
     args = list(sys.argv[1:] if argv is None else argv)
     check = "--check" in args
     overrides = [a for a in args if a != "--check"]
     try:
         text = compose_yaml(overrides)
+        from mergelib.config.run import run_config  # late: run.py imports this module
+
+        run_config(yaml.safe_load(text), source="config")  # never write a params.yaml the stages reject
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -122,6 +122,13 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _recipe_valid(self) -> RunConfig:
+        if self.models.source == "demo":  # mergelib.testing.tiny.make_family's layout: base, ft1..ftN
+            n = len(self.models.finetunes)
+            keys = ("models.base", *(f"models.finetunes[{i}].model" for i in range(n)))
+            built = (f"{self.paths.models}/base", *(f"{self.paths.models}/ft{k}" for k in range(1, n + 1)))
+            for key, ref, want in zip(keys, self.models.refs(), built):
+                if ref != want:
+                    raise ValueError(f"{key}: the demo family builds '{want}', not '{ref}'; use that path")
         try:
             load_recipe(self.recipe())
         except RecipeError as exc:

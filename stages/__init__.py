@@ -1,0 +1,1 @@
+"""Pipeline stages: `python -m stages.<name> [key=value ...]`, run by `dvc repro` in dvc.yaml order."""

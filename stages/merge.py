@@ -1,0 +1,32 @@
+"""Stage merge: the recipe in the `merge` node, on the locked inputs, into paths.merged."""
+
+from __future__ import annotations
+
+from stages._runner import main
+
+
+def run(config, tracker) -> str:
+    from mergelib import merge
+    from mergelib.fetch import pinned_refs, read_lock
+    from mergelib.pipeline_steps import write_json
+
+    refs = pinned_refs(read_lock(config.paths.lock), config.input_refs(), config.paths.lock)
+    result = merge(config.recipe(refs), config.paths.merged, seed=config.seed, quiet=True)
+    numbers = {
+        "seconds": round(result.seconds, 3),
+        "peak_rss_mb": round(result.peak_rss_bytes / 2**20, 1),
+        "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written,
+        "tensors": result.n_tensors,
+    }
+    write_json(f"{config.paths.reports}/merge.json", {"merge": numbers})
+    tracker.log_metrics({f"merge.{k}": v for k, v in numbers.items()})
+    for name in ("mergekit_config.yml", "README.md", "mergelib_run.json"):
+        tracker.log_artifact(result.out_dir / name, "merged")
+    tracker.log_artifact(config.paths.lock, "merged")
+    return (f"wrote {result.out_dir} ({result.n_tensors} tensors, {result.bytes_written / 1e6:.1f} MB, "
+            f"{result.seconds:.1f} s)")
+
+
+if __name__ == "__main__":
+    main("merge", run)
