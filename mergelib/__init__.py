@@ -1,17 +1,45 @@
-"""mergelib: reproducible, streaming, mergekit-compatible model merging."""
+"""mergelib: reproducible, streaming, mergekit-compatible model merging.
 
-from mergelib.api import MergeResult, merge, plan_merge
-from mergelib.config.recipe import MergeRecipe, load_recipe
-from mergelib.errors import InputModelError, MergelibError, OutputError, RecipeError
+Names are imported on first use, so `import mergelib.errors` (or a pipeline stage that only reads config) does
+not pay for importing torch.
+"""
 
-__all__ = [
-    "InputModelError",
-    "MergeRecipe",
-    "MergeResult",
-    "MergelibError",
-    "OutputError",
-    "RecipeError",
-    "load_recipe",
-    "merge",
-    "plan_merge",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "merge": "mergelib.api",
+    "plan_merge": "mergelib.api",
+    "MergeResult": "mergelib.api",
+    "MergeRecipe": "mergelib.config.recipe",
+    "load_recipe": "mergelib.config.recipe",
+    "load_recipes": "mergelib.config.recipe",
+    "merge_multi": "mergelib.multi",
+    "build_moe": "mergelib.moe",
+    "extract_lora": "mergelib.lora",
+    "apply_lora": "mergelib.lora",
+    "MergelibError": "mergelib.errors",
+    "RecipeError": "mergelib.errors",
+    "InputModelError": "mergelib.errors",
+    "OutputError": "mergelib.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from mergelib.api import MergeResult, merge, plan_merge
+    from mergelib.config.recipe import MergeRecipe, load_recipe, load_recipes
+    from mergelib.errors import InputModelError, MergelibError, OutputError, RecipeError
+    from mergelib.lora import apply_lora, extract_lora
+    from mergelib.moe import build_moe
+    from mergelib.multi import merge_multi
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mergelib' has no attribute {name!r}")
