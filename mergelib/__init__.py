@@ -7,7 +7,6 @@ not pay for importing torch.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "merge": "mergelib.api",
@@ -27,15 +26,6 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-if TYPE_CHECKING:
-    from mergelib.api import MergeResult, merge, plan_merge
-    from mergelib.config.recipe import MergeRecipe, load_recipe, load_recipes
-    from mergelib.errors import InputModelError, MergelibError, OutputError, RecipeError
-    from mergelib.lora import apply_lora, extract_lora
-    from mergelib.moe import build_moe
-    from mergelib.multi import merge_multi
-
 
 def __getattr__(name: str):
     if name in _EXPORTS:
