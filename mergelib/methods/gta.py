@@ -107,7 +107,7 @@ def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, p
         if sparsify is not None and p.density < 1:  # density 1 keeps everything for every sparsifier
             mask = sparsify(delta, p, inputs.generator)
             factor = masks.l1_factor(delta, mask) if params.rescale else None
-            delta.mul_(mask)
+            delta.masked_fill_(mask.logical_not_(), 0.0)  # the mask is not needed after this
             if factor is not None:
                 delta.mul_(factor)
         delta.mul_(p.weight)
@@ -124,7 +124,7 @@ def _combine(
     weights = [p.weight for p in model_params]
     if consensus:
         agree = masks.sign_consensus(weighted)  # [N, ...] bool
-        weighted.mul_(agree)
+        weighted.masked_fill_(agree.logical_not(), 0.0)
         divisor = torch.zeros_like(base)
         for weight, model_agrees in zip(weights, agree):  # a loop over models keeps temporaries at one tensor
             divisor.add_(model_agrees, alpha=weight)
@@ -183,7 +183,7 @@ def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, 
         for i, p in enumerate(inputs.model_params):
             delta = inputs.read(i, start, end) - base
             if kept[i] is not None:
-                delta.mul_(kept[i][start:end])
+                delta.masked_fill_(kept[i][start:end].logical_not(), 0.0)
                 if factors[i] is not None:
                     delta.mul_(factors[i])
             torch.mul(delta, p.weight, out=weighted[i])

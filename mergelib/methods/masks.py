@@ -17,8 +17,9 @@ def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
     The elected sign is + where the sum over models is >= 0, else -; the mask is True where an entry has the
     elected sign. Zero entries (pruned or unchanged) never count.
     """
-    elected_positive = weighted.sum(dim=0) >= 0  # [...], broadcasts over the model axis
-    return torch.where(elected_positive, weighted > 0, weighted < 0)  # [N, ...] bool
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)  # [...], broadcasts over models
+    # x * (+-1) > 0 exactly when x is non-zero with the elected sign (a product with +-1 is exact)
+    return torch.mul(weighted, elected) > 0  # [N, ...] bool
 
 
 def magnitude_mask(delta: torch.Tensor, density: float, *, absolute: bool = False) -> torch.Tensor:
