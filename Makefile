@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# The pipeline on the embedded demo family: `dvc repro` (git and DVC initialised first where missing, e.g. in an
-# unpacked archive), then a table of what each stage produced. Stage commands find `python` on PATH: the venv's.
+# The pipeline on the trained demo family (fetch trains it once, about 3 CPU-minutes; DVC caches it): `dvc repro`
+# (git and DVC initialised first where missing, e.g. in an unpacked archive), then a table of what each stage
+# produced and every task's score for the base, the fine-tunes and the merge. Stage commands find `python` on PATH:
+# the venv's. Other configurations: `dvc exp run -S method=ties -S density=0.5`, or edit conf/ and run
+# `python -m mergelib.config.compose` before `make demo`.
 demo: $(STAMP)
 	@test -d .git || git init -q
 	@test -f .dvc/config || { $(BIN)/dvc init -q && $(BIN)/dvc config hydra.enabled true; }

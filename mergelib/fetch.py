@@ -1,8 +1,9 @@
 """Fetch the input models and pin them: a lock file with each model's resolved commit and the sha256 of its files.
 
 Hub ids go through `mergelib.io.hub.resolve_model` (huggingface_hub.snapshot_download; HF_HUB_OFFLINE=1 reads the
-cache only); local directories are hashed in place; the demo family is generated (mergelib.testing.tiny). The merge
-stage reads the lock, so a rebuild reads the same commit and checks it reads the same bytes.
+cache only); local directories are hashed in place; a built family is made here: the trained demo family
+(mergelib.demo_family) or the seeded tiny one (mergelib.testing.tiny). The merge stage reads the lock, so a rebuild
+reads the same commit and checks it reads the same bytes.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def fetch_inputs(
 ) -> dict[str, LockedModel]:
     """Fetch every model in `refs` and write `out_dir/lock.json`; `out_dir` is replaced only when all succeed.
 
-    When `models` is the demo family, its references are built into `out_dir` instead of being looked up.
+    When `models` is a built family (demo, tiny), its references are built into `out_dir` instead of looked up.
     """
     out_dir = Path(out_dir)
-    family_refs = set(models.refs()) if models is not None and models.source == "demo" else set()
+    built = models is not None and models.source in ("demo", "tiny")
+    family_refs = set(models.refs()) if built else set()
     locked: dict[str, LockedModel] = {}
     missing: list[str] = []
     for ref in refs:
@@ -99,10 +101,16 @@ def fetch_inputs(
 
 
 def _build_demo(models: ModelsConfig, staged: Path) -> dict[str, LockedModel]:
-    from mergelib.testing.tiny import make_family
+    if models.source == "demo":
+        from mergelib.demo_family import build_demo_family
 
-    family = make_family(staged, size=models.size, n_finetunes=len(models.finetunes), seed=models.seed)
-    # RunConfig checked that the refs are out_dir/base, out_dir/ft1.. (the family's layout), in this order
+        # one torch thread (the library's default): the same bytes on every machine, and fastest on shared cores
+        family = build_demo_family(staged, seed=models.seed, quick=models.quick, skills=models.skills())
+    else:
+        from mergelib.testing.tiny import make_family
+
+        family = make_family(staged, size=models.size, n_finetunes=len(models.finetunes), seed=models.seed)
+    # RunConfig checked that the refs are out_dir/base, then out_dir/ft1.. (tiny) or out_dir/ft_<skill> (demo)
     return {
         ref: LockedModel(ref, "demo", ref, ref, None, hash_model_dir(built))
         for ref, built in zip(models.refs(), (family.base, *family.finetunes))

@@ -1,86 +1,97 @@
-"""The pipeline's quick evaluation: perplexity of fixed texts and greedy continuations of fixed prompts.
+"""The evaluate stage's work: the merged model and its parents through lm-eval (mergelib.evaluate), the reports
+(mergelib.eval_report) and the rows DVC plots and MLflow read.
 
-Perplexity = exp(mean next-token negative log-likelihood over every predicted token of every text), the usual
-causal-LM definition (each text scored on its own, its first token only as context). Runs on CPU with transformers.
+Parents are the fetched family as the lock records it (`base`, then each fine-tune by directory name); their
+results are cached by content under $MERGELIB_CACHE/eval, so a family is scored once across merges.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import csv
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Scores of one model on one quick suite."""
-
-    perplexity: float
-    mean_nll: float
-    tokens: int  # predicted tokens the NLL averages over
-    generations: tuple[tuple[str, str], ...]  # (prompt, greedy continuation)
-
-    def metrics(self) -> dict[str, float]:
-        """The numbers (what DVC and MLflow compare)."""
-        return {"perplexity": self.perplexity, "mean_nll": self.mean_nll, "tokens": self.tokens}
+SKILL_ROWS = "skill_accuracy.csv"  # model, task, label, accuracy: the DVC bar plot of accuracy per model and task
 
 
-def _load(model_dir: Path, tokenizer_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a loading bar per run is noise in `dvc repro` output
-
-    from mergelib.errors import InputModelError
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputModelError(f"{model_dir}: cannot load the model for evaluation ({first})") from None
-    return tokenizer, model.eval()
+def eval_cache_dir() -> Path:
+    """Where parent results are cached: $MERGELIB_CACHE/eval, else ~/.cache/mergelib/eval."""
+    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib")
+    return Path(root) / "eval"
 
 
-@torch.no_grad()
-def text_nll(model, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of one sequence ([1, T] ids) and the number of predicted tokens (T - 1)."""
-    logits = model(input_ids=input_ids).logits.float()  # [1, T, V]
-    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)  # [T-1, V]: position i predicts token i+1
-    targets = input_ids[0, 1:]  # [T-1]
-    return float(-logprobs.gather(1, targets[:, None]).sum()), int(targets.numel())
+def family_labels(refs: tuple[str, ...], lock: Mapping[str, Any]) -> dict[str, Path]:
+    """label -> model directory for the base (`base`) and each fine-tune (its directory or repo name), from the
+    fetch lock (`refs` as written in conf/, base first)."""
+    out: dict[str, Path] = {}
+    for i, ref in enumerate(refs):
+        label = "base" if i == 0 else ref.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+        out[label if label not in out else f"{label}_{i}"] = Path(lock[ref].path)
+    return out
 
 
-@torch.no_grad()
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The greedy continuation of `prompt` (new tokens only, decoded), stopping at EOS."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+def evaluate_merge(merged_dir: str | Path, parents: Mapping[str, Path], eval_config, reports_dir: str | Path,
+                   *, seed: int = 0) -> dict[str, Any]:
+    """Score the merge (and the parents unless eval.parents is off), write the reports into `reports_dir`
+    (metrics.json, eval_table.md, eval_scores.csv, eval_samples.json, accuracy.png, skill_accuracy.csv) and
+    return the metrics document (what metrics.json holds)."""
+    from mergelib.eval_report import load_metrics, write_reports
+    from mergelib.evaluate import evaluate_family
+
+    results = evaluate_family(
+        merged_dir, dict(parents) if eval_config.parents else {}, list(eval_config.tasks),
+        cache_dir=eval_cache_dir(), limit=eval_config.limit, batch_size=eval_config.batch_size,
+        threads=eval_config.threads, seed=seed,
     )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    paths = write_reports(results, reports_dir)
+    document = load_metrics(paths["metrics"])
+    write_skill_rows(document, Path(reports_dir) / SKILL_ROWS)
+    return document
 
 
-def evaluate_model(model_dir: str | Path, tokenizer_dir: str | Path, texts: Sequence[str],
-                   prompts: Sequence[str] = (), max_new_tokens: int = 8) -> EvalResult:
-    """Perplexity over `texts` and greedy continuations of `prompts` (deterministic on a given machine)."""
-    torch.manual_seed(0)
-    tokenizer, model = _load(Path(model_dir), Path(tokenizer_dir))
-    total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] < 2:
-            continue  # nothing to predict
-        nll, n = text_nll(model, ids)
-        total, count = total + nll, count + n
-    if count == 0:
-        from mergelib.config.compose import ConfigError
+def _models(document: Mapping[str, Any]) -> dict[str, Mapping[str, Mapping[str, float]]]:
+    """label -> task -> metrics: parents first, the merge last."""
+    return {**document.get("parents", {}), "merged": document.get("merged", {})}
 
-        raise ConfigError("eval.texts: every text is shorter than two tokens; give longer texts")
-    mean = total / count
-    gens = tuple((p, greedy(model, tokenizer, p, max_new_tokens)) for p in prompts) if max_new_tokens else ()
-    return EvalResult(perplexity=math.exp(mean), mean_nll=mean, tokens=count, generations=gens)
+
+def write_skill_rows(document: Mapping[str, Any], path: str | Path) -> Path:
+    """One row per (model, accuracy task): what the DVC plot `skill accuracy` draws."""
+    path = Path(path)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["model", "task", "label", "accuracy"])
+        for label, per_task in _models(document).items():
+            for task, metrics in sorted(per_task.items()):
+                if "exact_match" in metrics:
+                    writer.writerow([label, task, f"{task} / {label}", metrics["exact_match"]])
+    return path
+
+
+def flat_metrics(document: Mapping[str, Any]) -> dict[str, float]:
+    """`eval.<model>.<task>.<metric>` -> value, for MLflow (sample counts left out)."""
+    out = {}
+    for label, per_task in _models(document).items():
+        for task, metrics in per_task.items():
+            for name, value in metrics.items():
+                if name != "samples":
+                    out[f"eval.{label}.{task}.{name}"] = float(value)
+    for label, summary in document.get("summary", {}).items():
+        for name, value in summary.items():
+            out[f"eval.{label}.{name}"] = float(value)
+    return out
+
+
+def summary_line(document: Mapping[str, Any]) -> str:
+    """`demo_add 0.72 (ft_add 0.98), ...`: the merge's accuracy per task, next to the best parent's."""
+    merged, parents = document.get("merged", {}), document.get("parents", {})
+    parts = []
+    for task, metrics in sorted(merged.items()):
+        if "exact_match" not in metrics:
+            continue
+        best = max(((p, m[task]["exact_match"]) for p, m in parents.items() if task in m), key=lambda x: x[1],
+                   default=None)
+        parts.append(f"{task} {metrics['exact_match']:.2f}" + (f" ({best[0]} {best[1]:.2f})" if best else ""))
+    return ", ".join(parts) or "no accuracy task"

@@ -1,7 +1,6 @@
-"""The thin pipeline steps after the merge: tokenizer check, safetensors export, publish manifest.
-
-Each is real but minimal; the tokenizer, export and publish issues replace them. Outputs are written to a
-temporary sibling and swapped in (mergelib.io.atomic), and hold no timestamps, so a rebuild gives the same bytes.
+"""The pipeline steps after the merge that only translate config into library calls: the tokenizer check and the
+export (mergelib.export). Outputs are written to a temporary sibling and swapped in (mergelib.io.atomic) and hold no
+timestamps, so a rebuild gives the same bytes.
 """
 
 from __future__ import annotations
@@ -13,20 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mergelib.errors import InputModelError, OutputError
+from mergelib.errors import InputModelError
 from mergelib.io.atomic import commit_dir
 from mergelib.io.hashing import sha256_file
-from mergelib.io.index import index_model, read_config
-from mergelib.io.reader import read_tensor
-from mergelib.io.writer import ShardFile, TensorSlot, shard_names, write_index
+from mergelib.io.index import read_config
 
 TOKENIZER_FILES = (  # what mergelib.merge copies from the donor, in the same order
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ENGINE_REPORT = "tokenizer_report.md"  # written by mergelib.merge when the recipe assembles a tokenizer
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -52,8 +47,20 @@ def build_dir(out_dir: Path, build) -> Any:
     return result
 
 
-def collect_tokenizer(model_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Copy the merged model's tokenizer files to `out_dir` after checking they load and fit its embeddings."""
+def _vocabulary(model_dir: Path) -> dict[str, int] | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir)).get_vocab()
+    except (OSError, ValueError):
+        return None
+
+
+def collect_tokenizer(model_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None,
+                      report_md: str | Path | None = None) -> dict[str, Any]:
+    """Check the merged model's tokenizer (loads with AutoTokenizer, fits the embeddings), record the tokens it has
+    beyond the base's, and copy its files to `out_dir` with `tokenizer_report.json`. `report_md` receives the
+    engine's `tokenizer_report.md` (tokenizer assembled by the recipe) or, without one, a short note."""
     from transformers import AutoTokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -70,10 +77,17 @@ def collect_tokenizer(model_dir: str | Path, out_dir: str | Path) -> dict[str, A
             f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model embeds {vocab}; "
             "use a tokenizer_source whose vocabulary fits"
         )
+    base_vocab = _vocabulary(Path(base_dir)) if base_dir is not None else None
+    merged_vocab = tokenizer.get_vocab()
+    added = sorted((t for t in merged_vocab if base_vocab is not None and t not in base_vocab), key=merged_vocab.get)
+    engine_report = model_dir / ENGINE_REPORT
     report = {
-        "source": "copied by the merge engine from the tokenizer donor",
+        "source": "assembled by the merge engine" if engine_report.is_file() else "copied from the base model",
         "tokens": len(tokenizer),
         "model_vocab_size": vocab,
+        "padding_rows": (vocab - len(tokenizer)) if vocab is not None else 0,
+        "added_tokens": {t: merged_vocab[t] for t in added} if base_vocab is not None else None,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "files": {name: sha256_file(model_dir / name) for name in present},
     }
 
@@ -83,88 +97,47 @@ def collect_tokenizer(model_dir: str | Path, out_dir: str | Path) -> dict[str, A
         write_json(staged / "tokenizer_report.json", report)
 
     build_dir(out_dir, build)
+    if report_md is not None:
+        report_md = Path(report_md)
+        report_md.parent.mkdir(parents=True, exist_ok=True)
+        text = engine_report.read_text() if engine_report.is_file() else _tokenizer_note(report)
+        tmp = report_md.with_name(f".{report_md.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, report_md)
     return report
 
 
-def export_safetensors(model_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, dtype: str,
-                       shard_size: int) -> dict[str, Any]:
-    """Re-save a model as safetensors shards in `dtype` (floating tensors cast, others kept) with its tokenizer."""
-    model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise OutputError(f"export.dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
-    index = index_model(model_dir)
-    slots: list[list[TensorSlot]] = [[]]
-    used = 0
-    for name in sorted(index.tensors):
-        info = index.tensors[name]
-        out_dtype = DTYPES[dtype] if info.dtype.is_floating_point else info.dtype
-        slot = TensorSlot(name, info.shape, out_dtype)
-        if slots[-1] and used + slot.nbytes > shard_size:
-            slots.append([])
-            used = 0
-        slots[-1].append(slot)
-        used += slot.nbytes
-    shards = dict(zip(shard_names(len(slots)), slots))
-    config = read_config(model_dir)
-    config["dtype" if "dtype" in config else "torch_dtype"] = dtype
-
-    def build(staged: Path) -> None:
-        for fname, group in shards.items():
-            shard = ShardFile(staged / fname, group, {"format": "pt"})
-            try:
-                for slot in group:
-                    shard.write(slot.name, read_tensor(slot.name, index.tensors[slot.name]).to(slot.dtype))
-            finally:
-                shard.close()
-        write_index(staged, shards, {})
-        write_json(staged / "config.json", config)
-        for source in (model_dir / "generation_config.json", *sorted(tokenizer_dir.iterdir())):
-            if source.is_file() and source.name != "tokenizer_report.json":
-                shutil.copyfile(source, staged / source.name)
-
-    build_dir(out_dir, build)
-    files = sorted(p for p in out_dir.iterdir() if p.is_file())
-    return {
-        "dtype": dtype,
-        "shards": len(shards),
-        "bytes": sum(p.stat().st_size for p in files),
-        "files": {p.name: sha256_file(p) for p in files},
-    }
+def _tokenizer_note(report: dict[str, Any]) -> str:
+    added = report["added_tokens"]
+    lines = ["# Tokenizer", "", f"Copied from the base model by the merge (no `tokenizer:` in the recipe): "
+             f"{report['tokens']} tokens, config vocab_size {report['model_vocab_size']} "
+             f"({report['padding_rows']} padding rows).", ""]
+    if added is None:
+        lines.append("The base model has no tokenizer to compare with.")
+    else:
+        lines.append(f"Tokens added beyond the base's vocabulary: {len(added)}"
+                     + (": " + ", ".join(f"`{t}` ({i})" for t, i in added.items()) if added else "."))
+    return "\n".join(lines) + "\n"
 
 
-def publish(export_dir: str | Path, out_dir: str | Path, target: str, repo_id: str | None = None,
-            revision: str = "main", private: bool = True) -> dict[str, Any]:
-    """Write `out_dir/manifest.json` (what is or would be uploaded); with target 'hub', upload to `repo_id`."""
-    export_dir, out_dir = Path(export_dir), Path(out_dir)
-    if not export_dir.is_dir():
-        raise InputModelError(f"{export_dir}: nothing to publish; run the export stage first")
-    files = sorted(p for p in export_dir.iterdir() if p.is_file())
-    manifest: dict[str, Any] = {
-        "target": target,
-        "repo_id": repo_id,
-        "revision": revision,
-        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-    }
-    if target == "hub":
-        manifest["commit"] = _upload(export_dir, repo_id, revision, private)
-    build_dir(out_dir, lambda staged: write_json(staged / "manifest.json", manifest))
-    return manifest
+def export_model(model_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, export,
+                 metrics_path: str | Path, name: str) -> dict[str, Any]:
+    """Run `mergelib.export.export_all` for an ExportConfig and copy its checks to `metrics_path` (the DVC metric,
+    also written when a check fails, before ExportCheckError propagates). export=none writes an empty directory."""
+    from mergelib.export import ExportCheckError, export_all
 
-
-def _upload(export_dir: Path, repo_id: str | None, revision: str, private: bool) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if HF_HUB_OFFLINE:
-        raise OutputError("publish=hub: HF_HUB_OFFLINE is set; unset it (and log in) to upload, or use publish=none")
-    api = HfApi()
+    out_dir, metrics_path = Path(out_dir), Path(metrics_path)
+    if not export.enabled:
+        build_dir(out_dir, lambda staged: write_json(staged / "metrics.json", {}))
+        write_json(metrics_path, {"export": {}})
+        return {}
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, revision=revision,
-                                 commit_message="Upload merged model (mergelib)")
-    except HfHubHTTPError as exc:
-        raise OutputError(f"publish.repo_id '{repo_id}': upload failed ({str(exc).splitlines()[0]})") from None
-    return info.oid
+        result = export_all(model_dir, out_dir, safetensors=export.safetensors, gguf=export.gguf, int8=export.int8,
+                            name=name, shard_size=export.shard_size, tokenizer_dir=tokenizer_dir,
+                            verify=export.verify)
+    except ExportCheckError:
+        written = out_dir / "metrics.json"
+        write_json(metrics_path, {"export": json.loads(written.read_text()) if written.is_file() else {}})
+        raise
+    write_json(metrics_path, {"export": result.metrics()})
+    return result.metrics()

@@ -1,4 +1,5 @@
-"""Stage evaluate: the quick suite (perplexity, greedy continuations) -> reports/metrics.json (a DVC metric)."""
+"""Stage evaluate: lm-eval tasks on the merged model and its parents -> reports/metrics.json (DVC metrics), tables,
+plots (reports/*.png, DVC plots) and every number on the MLflow run."""
 
 from __future__ import annotations
 
@@ -6,18 +7,19 @@ from stages._runner import main
 
 
 def run(config, tracker) -> str:
-    from mergelib.pipeline_eval import evaluate_model
-    from mergelib.pipeline_steps import write_json
+    from mergelib.evaluate import resolve_tasks
+    from mergelib.fetch import read_lock
+    from mergelib.pipeline_eval import evaluate_merge, family_labels, flat_metrics, summary_line
 
-    ev = config.eval
-    result = evaluate_model(config.paths.merged, config.paths.tokenizer, ev.texts, ev.prompts, ev.max_new_tokens)
+    resolve_tasks(list(config.eval.tasks))  # a bad task name fails here, before any model loads
     reports = config.paths.reports
-    write_json(f"{reports}/metrics.json", {"eval": {ev.suite: result.metrics()}})
-    write_json(f"{reports}/eval_samples.json", [{"prompt": p, "completion": c} for p, c in result.generations])
-    tracker.log_metrics({f"eval.{ev.suite}.{k}": v for k, v in result.metrics().items()})
-    tracker.log_artifact(f"{reports}/metrics.json", "reports")
-    tracker.log_artifact(f"{reports}/eval_samples.json", "reports")
-    return f"perplexity {result.perplexity:.3f} over {result.tokens} tokens -> {reports}/metrics.json"
+    parents = family_labels(config.models.refs(), read_lock(config.paths.lock)) if config.eval.parents else {}
+    document = evaluate_merge(config.paths.merged, parents, config.eval, reports)
+    tracker.log_metrics(flat_metrics(document))
+    for name in ("metrics.json", "eval_table.md", "eval_scores.csv", "eval_samples.json", "accuracy.png",
+                 "skill_accuracy.csv"):
+        tracker.log_artifact(f"{reports}/{name}", "reports")
+    return f"{config.eval.suite}: {summary_line(document)} -> {reports}/metrics.json"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`make demo`'s closing table: what each stage produced, its key numbers and its newest MLflow run.
+"""`make demo`'s closing tables: what each stage produced, its key numbers and its newest MLflow run; then every
+task's score for the base, each fine-tune and the merge.
 
 Reads params.yaml, the reports and the outputs that `dvc repro` left; writes nothing.
 """
@@ -32,20 +33,50 @@ def rows(config) -> list[tuple[str, str, str]]:
     pins = ", ".join(m["ref"].split("/")[-1] + (f"@{m['revision'][:8]}" if m.get("revision") else "") for m in lock)
     merged = _json(f"{p.reports}/merge.json").get("merge", {})
     tok = _json(f"{p.tokenizer}/tokenizer_report.json")
-    ev = _json(f"{p.reports}/metrics.json").get("eval", {}).get(config.eval.suite, {})
+    doc = _json(f"{p.reports}/metrics.json")
+    exports = _json(f"{p.reports}/export.json").get("export", {})
     manifest = _json(f"{p.publish}/manifest.json")
     knobs = {"density": config.density, "weight": config.weight, "t": config.t}
     used = " ".join(f"{k}={v}" for k, v in knobs.items() if k in config.recipe().get("parameters", {}))
+    accuracy = ", ".join(f"{t} {m['exact_match']:.3f}" for t, m in sorted(doc.get("merged", {}).items())
+                         if "exact_match" in m)
+    checks = ", ".join(f"{n} {'passed' if c.get('passed') else 'FAILED'} (top-1 {c.get('top1', float('nan')):.3f})"
+                       for n, c in sorted(exports.items())) or "nothing exported"
     return [
         ("fetch", p.lock, f"{len(lock)} models locked: {pins}"),
         ("merge", p.merged, f"{config.method} {used}: {merged.get('tensors', '?')} tensors, {_mb(p.merged)}, "
                             f"{merged.get('seconds', '?')} s, peak RSS {merged.get('peak_rss_mb', '?')} MB"),
-        ("tokenizer", p.tokenizer, f"{tok.get('tokens', '?')} tokens, {len(tok.get('files', {}))} files"),
-        ("evaluate", f"{p.reports}/metrics.json",
-         f"{config.eval.suite}: perplexity {ev.get('perplexity', float('nan')):.3f} over {ev.get('tokens', '?')} tokens"),
-        ("export", p.export, f"{config.export.format} {config.export.dtype}, {_mb(p.export)}"),
-        ("publish", p.publish, f"target {manifest.get('target', '?')}: {len(manifest.get('files', {}))} files"),
+        ("tokenizer", p.tokenizer, f"{tok.get('tokens', '?')} tokens, {len(tok.get('added_tokens') or {})} added, "
+                                   f"vocab_size {tok.get('model_vocab_size', '?')}"),
+        ("evaluate", f"{p.reports}/metrics.json", f"{config.eval.suite}: merged {accuracy or 'no accuracy task'}"),
+        ("export", p.export, f"{config.export.format}: {checks}"),
+        ("publish", p.publish, f"{manifest.get('target', '?')}: {len(manifest.get('files', {}))} files, "
+                               f"tag {manifest.get('tag', '?')}"),
     ]
+
+
+def score_table(config) -> list[tuple[str, ...]]:
+    """Header + one row per model (base, fine-tunes, merged): each task's primary metric."""
+    from mergelib.eval_report import primary_metric
+
+    doc = _json(f"{config.paths.reports}/metrics.json")
+    models = {**doc.get("parents", {}), "merged": doc.get("merged", {})}
+    tasks = sorted({t for per_task in models.values() for t in per_task})
+    if not tasks:
+        return []
+    metric = {t: primary_metric(next(m[t] for m in models.values() if t in m)) for t in tasks}
+    table = [("model", *(f"{t} ({metric[t]})" for t in tasks))]
+    for label, per_task in models.items():
+        table.append((label, *(f"{per_task[t][metric[t]]:.3f}" if t in per_task else "-" for t in tasks)))
+    return table
+
+
+def print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,18 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     from mergelib.tracking import latest_stage_runs, tracking_uri
 
     runs = latest_stage_runs(STAGES)
-    table = [("stage", "output", "result", "mlflow run")]
-    table += [(s, out, res, runs.get(s, "-")[:12]) for s, out, res in rows(config)]
-    widths = [max(len(r[i]) for r in table) for i in range(3)]
     print()
-    for i, row in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
-        if i == 0:
-            print("  ".join("-" * w for w in widths) + "  " + "-" * 12)
+    print_table([("stage", "output", "result", "mlflow run")]
+                + [(s, out, res, runs.get(s, "-")[:12]) for s, out, res in rows(config)])
+    scores = score_table(config)
+    if scores:
+        print(f"\nScores ({config.models.name} family, {config.eval.suite} suite; exact match: higher is better, "
+              "bits per byte: lower is better)")
+        print_table(scores)
     if args.repro_seconds is not None:
         print(f"\ndvc repro took {args.repro_seconds:.0f} s")
     print(f"MLflow: {tracking_uri()}  (browse: mlflow ui --backend-store-uri {tracking_uri()})")
-    print("Compare experiments: dvc exp run -S method=dare_ties -S density=0.3 && dvc exp show")
+    print(f"Reports: {config.paths.reports}/eval_table.md, accuracy.png; `dvc plots show` draws skill_accuracy.csv")
+    print("Compare experiments: dvc exp run -S method=ties -S density=0.5 -S weight=1.0 && dvc exp show")
     return 0
 
 

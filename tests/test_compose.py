@@ -19,22 +19,32 @@ CONF = REPO / "conf"
 CONF_FILES = {
     "config.yaml": [],
     "models/demo.yaml": ["models=demo"],
+    "models/demo_quick.yaml": ["models=demo_quick"],
+    "models/tiny.yaml": ["models=tiny"],
     "models/qwen2_5_0_5b.yaml": ["models=qwen2_5_0_5b"],
     "models/local.yaml": ["models=local", "models.base=/ckpt/base", "models.finetunes=[{model: /ckpt/ft}]"],
+    "eval/demo.yaml": ["eval=demo"],
     "eval/quick.yaml": ["eval=quick"],
+    "eval/leaderboard.yaml": ["eval=leaderboard"],
     "export/safetensors.yaml": ["export=safetensors"],
+    "export/gguf.yaml": ["export=gguf"],
+    "export/int8.yaml": ["export=int8"],
+    "export/none.yaml": ["export=none"],
     "publish/none.yaml": ["publish=none"],
     "publish/hub.yaml": ["publish=hub", "publish.repo_id=me/merged"],
+    "publish/mlflow.yaml": ["publish=mlflow"],
     "experiment/ties_half.yaml": ["experiment=ties_half"],
     "experiment/dare_ties.yaml": ["experiment=dare_ties"],
     "experiment/task_arithmetic.yaml": ["experiment=task_arithmetic"],
     "experiment/slerp.yaml": ["experiment=slerp"],
+    "experiment/method_sweep.yaml": ["experiment=method_sweep"],
+    "experiment/moe_demo.yaml": ["experiment=moe_demo"],
 }
 
 
 def test_every_conf_file_is_listed():
     found = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*") if p.is_file())
-    assert found == sorted(CONF_FILES) and len(found) == 12
+    assert found == sorted(CONF_FILES) and len(found) == 22
 
 
 @pytest.mark.parametrize("name", sorted(CONF_FILES))
@@ -72,7 +82,28 @@ def test_overrides_reach_the_recipe():
     assert recipe["merge_method"] == "dare_ties" and config.seed == 4
     assert recipe["parameters"] == {"density": 0.3, "weight": 0.7}
     assert recipe["base_model"] == config.models.base == "models/demo/base"
-    assert [m["model"] for m in recipe["models"]] == ["models/demo/ft1", "models/demo/ft2"]
+    assert [m["model"] for m in recipe["models"]] == ["models/demo/ft_add", "models/demo/ft_rev"]
+
+
+def test_sweep_entries_each_compose_into_a_valid_run_config():
+    from mergelib.pipeline_sweep import sweep_config
+
+    sweep = run_config(compose(["experiment=method_sweep"], CONF)).sweep
+    assert list(sweep) == ["linear", "task_arithmetic", "ties", "dare_ties", "slerp", "della", "model_stock",
+                           "breadcrumbs"]
+    for label, overrides in sweep.items():
+        config = sweep_config(label, overrides, ["models=demo_quick"])
+        assert config.method == label and config.models.name == "demo_quick"
+        load_recipe(config.recipe())
+
+
+def test_moe_demo_names_the_family_s_models():
+    from mergelib.moe_config import load_moe_config
+
+    config = run_config(compose(["experiment=moe_demo", "models=tiny"], CONF))
+    moe = load_moe_config(config.moe)
+    assert str(moe.base_model) == "models/tiny/base"
+    assert [str(e.source_model) for e in moe.experts] == ["models/tiny/ft1", "models/tiny/ft2"]
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
@@ -86,18 +117,18 @@ def test_recipe_keeps_exactly_the_knobs_the_method_takes(method):
 
 def test_recipe_maps_references_through_the_lock():
     config = run_config(compose((), CONF))
-    refs = {"models/demo/base": "/abs/base", "models/demo/ft2": "org/ft2@abc"}
+    refs = {"models/demo/base": "/abs/base", "models/demo/ft_rev": "org/ft2@abc"}
     recipe = config.recipe(refs)
     assert recipe["base_model"] == "/abs/base"
-    assert [m["model"] for m in recipe["models"]] == ["models/demo/ft1", "org/ft2@abc"]
+    assert [m["model"] for m in recipe["models"]] == ["models/demo/ft_add", "org/ft2@abc"]
     assert config.merge["base_model"] == "models/demo/base"  # the config itself is untouched
 
 
 def test_input_refs_add_models_only_the_recipe_names():
     config = run_config(compose(["+merge.tokenizer_source=base"], CONF))
-    assert config.input_refs() == ("models/demo/base", "models/demo/ft1", "models/demo/ft2")
+    assert config.input_refs() == ("models/demo/base", "models/demo/ft_add", "models/demo/ft_rev")
     slerp = run_config(compose(["experiment=slerp"], CONF))
-    assert slerp.input_refs() == ("models/demo/base", "models/demo/ft1", "models/demo/ft2")
+    assert slerp.input_refs() == ("models/demo/base", "models/demo/ft_add", "models/demo/ft_rev")
 
 
 def test_run_config_is_frozen():
@@ -112,13 +143,18 @@ def test_run_config_is_frozen():
         (["density=2"], ["density:", "less than or equal to 1", "(got 2)", "density=VALUE"]),
         (["method=tie"], ["method: unknown method 'tie'", "did you mean 'ties'"]),
         (["densty=0.5"], ["no key 'densty'", "did you mean 'density'"]),
-        (["models=qwen"], ["no 'qwen' in conf/models/", "demo, local, qwen2_5_0_5b"]),
+        (["models=qwen"], ["no 'qwen' in conf/models/", "demo, demo_quick, local, qwen2_5_0_5b, tiny"]),
         (["method=ties,dare_ties"], ["sweep", "--queue"]),
         (["density=[1"], ["write overrides as key=value"]),
         (["models=local"], ["'models.base' is required", "models.base=VALUE"]),
         (["publish=hub"], ["'publish.repo_id' is required"]),
         (["seed=-1"], ["seed:", "greater than or equal to 0"]),
         (["models.base=models/demo/b"], ["models.base: the demo family builds 'models/demo/base'"]),
+        (["models.finetunes=[{model: models/demo/ft_mul}]"], ["models.finetunes[0].model", "ft_<skill>", "add"]),
+        (["models=tiny", "models.finetunes=[{model: models/tiny/ft_a}]"], ["the tiny family builds 'models/tiny/ft1'"]),
+        (["eval.tasks=[]"], ["eval.tasks"]),
+        (["export.gguf=[q5_k]"], ["export.gguf[0]"]),
+        (["publish=mlflow", "publish.version=null"], ["publish.version=1.0.0"]),
         (["+merge.parameters.lamda=2"], ["merge node:", "lamda", "did you mean 'lambda'"]),
         (["models=qwen2_5_0_5b", "experiment=slerp"], ["models.finetunes.1.model"]),
     ],

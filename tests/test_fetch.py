@@ -95,16 +95,33 @@ def test_not_a_directory_nor_a_hub_id(tmp_path):
         fetch_inputs(["./missing/dir"], tmp_path / "out")
 
 
-def test_demo_family_is_built_deterministically(tmp_path, monkeypatch, tiny_family):
+def test_tiny_family_is_built_deterministically(tmp_path, monkeypatch, tiny_family):
     monkeypatch.chdir(tmp_path)
-    config = run_config(compose((), REPO / "conf"))
+    config = run_config(compose(["models=tiny"], REPO / "conf"))
     locked = fetch_inputs(config.input_refs(), config.paths.models, config.models)
-    assert list(locked) == ["models/demo/base", "models/demo/ft1", "models/demo/ft2"]
+    assert list(locked) == ["models/tiny/base", "models/tiny/ft1", "models/tiny/ft2"]
     # same arguments as the session family (tests/conftest.py): the same bytes, hashed independently
     for ref, model_dir in zip(locked, (tiny_family.base, *tiny_family.finetunes)):
         expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model_dir.iterdir() if p.is_file()}
         assert locked[ref].files == expected
         assert locked[ref].engine_ref == ref and (tmp_path / ref / "config.json").is_file()
+
+
+def test_quick_demo_family_is_built_with_the_fine_tunes_named(tmp_path, monkeypatch):
+    from mergelib.demo_family import build_demo_family
+
+    monkeypatch.chdir(tmp_path)
+    config = run_config(compose(["models=demo_quick"], REPO / "conf"))
+    locked = fetch_inputs(config.input_refs(), config.paths.models, config.models)
+    assert list(locked) == ["models/demo_quick/base", "models/demo_quick/ft_add", "models/demo_quick/ft_rev"]
+    assert not (tmp_path / "models/demo_quick/ft_sort").exists()  # only the skills the config merges
+    # the library built with the same arguments elsewhere: the same bytes, hashed independently
+    family = build_demo_family(tmp_path / "again", seed=0, quick=True, skills=("add", "rev"))
+    for ref, model_dir in zip(locked, (family.base, *family.finetunes)):
+        expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model_dir.iterdir() if p.is_file()}
+        assert locked[ref].files == expected and locked[ref].kind == "demo"
+    lock = json.loads((tmp_path / "models/demo_quick/lock.json").read_text())
+    assert all(len(d) == 64 for m in lock["models"] for d in m["files"].values())
 
 
 def test_pinned_refs_map_and_verify(tmp_path, monkeypatch):

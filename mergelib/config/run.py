@@ -31,18 +31,25 @@ class InputEntry(_Frozen):
 
 
 class ModelsConfig(_Frozen):
-    """Which family to merge: the demo family (built offline), Hub ids (`org/name@sha`) or local directories."""
+    """Which family to merge: the trained demo family (`demo`, mergelib.demo_family), the seeded tiny family
+    (`tiny`, mergelib.testing.tiny), Hub ids (`org/name@sha`) or local directories. Both built families are made
+    offline by the fetch stage."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    source: Literal["demo", "hub", "local"]
-    size: str = "tiny"  # demo family only
-    seed: int = 0  # demo family only
+    source: Literal["demo", "tiny", "hub", "local"]
+    size: str = "tiny"  # tiny family only
+    seed: int = Field(default=0, ge=0)  # built families only
+    quick: bool = False  # demo family only: train for seconds (tests), no quality bar
     base: str = Field(min_length=1)
     finetunes: tuple[InputEntry, ...] = Field(min_length=1)
 
     def refs(self) -> tuple[str, ...]:
         """The base then every fine-tune, as written in conf/."""
         return (self.base, *(entry.model for entry in self.finetunes))
+
+    def skills(self) -> tuple[str, ...]:
+        """The demo skills the fine-tunes name (`.../ft_add` -> `add`), in order."""
+        return tuple(entry.model.rsplit("/", 1)[-1].removeprefix("ft_") for entry in self.finetunes)
 
 
 class PathsConfig(_Frozen):
@@ -62,34 +69,51 @@ class PathsConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    """The quick evaluation: perplexity of fixed texts and greedy continuations of fixed prompts."""
+    """lm-eval tasks (mergelib.evaluate) run on the merged model and, cached once per family, on its parents."""
 
     suite: str
-    texts: tuple[str, ...] = Field(min_length=1)
-    prompts: tuple[str, ...] = ()
-    max_new_tokens: int = Field(default=8, ge=0, le=512)
+    tasks: tuple[str, ...] = Field(min_length=1)  # shipped demo_* tasks or any lm-eval task name
+    limit: int | None = Field(default=None, ge=1)  # documents per task; None: all
+    parents: bool = True  # also score the base and every fine-tune (cached), for the comparison
+    batch_size: int = Field(default=32, ge=1)
+    threads: int | None = Field(default=None, ge=1)  # torch threads while evaluating; None: torch's default
 
 
 class ExportConfig(_Frozen):
-    """What the export stage writes."""
+    """What the export stage writes (mergelib.export.export_all); every export is verified by reading it back."""
 
-    format: Literal["safetensors"]
-    dtype: DType
+    format: str  # the conf/export/ option, for reports
+    safetensors: tuple[DType, ...] = ()
+    gguf: tuple[Literal["f16", "bf16", "q8_0", "q4_0"], ...] = ()
+    int8: bool = False
+    verify: bool = True
     shard_size: int = Field(gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is exported (export=none: no)."""
+        return bool(self.safetensors or self.gguf or self.int8)
 
 
 class PublishConfig(_Frozen):
-    """Where the export goes: nowhere (a manifest of what would be uploaded) or a Hub repo."""
+    """Where the merge goes: nowhere (what would be uploaded, a dry run), a Hub repo, or the MLflow registry."""
 
-    target: Literal["none", "hub"]
-    repo_id: str | None = None
+    target: Literal["none", "hub", "mlflow"]
+    repo_id: str | None = None  # hub (and the dry run's would-be repo)
     revision: str = "main"
     private: bool = True
+    version: str | None = "0.1.0"  # tag v<version> on the Hub commit / registry version
+    tag: str | None = None  # an explicit tag instead of v<version>
+    exports: bool = True  # upload the export stage's artifacts next to the model
+    model_name: str | None = None  # mlflow registered model name; None: mergelib-<models.name>
+    aliases: tuple[str, ...] = ()  # mlflow aliases that move (champion)
 
     @model_validator(mode="after")
     def _repo(self) -> PublishConfig:
         if self.target == "hub" and not self.repo_id:
             raise ValueError("publish=hub needs a repository: add publish.repo_id=you/merged-model")
+        if self.version is None and self.tag is None:
+            raise ValueError("publish: give publish.version=1.0.0 or publish.tag=NAME")
         return self
 
 
@@ -108,6 +132,8 @@ class RunConfig(_Frozen):
     export: ExportConfig
     publish: PublishConfig
     merge: dict[str, Any]
+    sweep: dict[str, tuple[str, ...]] | None = None  # experiment=method_sweep: label -> Hydra overrides
+    moe: dict[str, Any] | None = None  # experiment=moe_demo: a mergekit-moe config (mergelib.moe_config)
 
     @field_validator("method")
     @classmethod
@@ -122,18 +148,33 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _recipe_valid(self) -> RunConfig:
-        if self.models.source == "demo":  # mergelib.testing.tiny.make_family's layout: base, ft1..ftN
-            n = len(self.models.finetunes)
-            keys = ("models.base", *(f"models.finetunes[{i}].model" for i in range(n)))
-            built = (f"{self.paths.models}/base", *(f"{self.paths.models}/ft{k}" for k in range(1, n + 1)))
-            for key, ref, want in zip(keys, self.models.refs(), built):
-                if ref != want:
-                    raise ValueError(f"{key}: the demo family builds '{want}', not '{ref}'; use that path")
+        if self.models.source in ("demo", "tiny"):
+            self._check_built_layout()
         try:
             load_recipe(self.recipe())
         except RecipeError as exc:
             raise ValueError(f"merge node: {str(exc).removeprefix('recipe: ')}") from None
         return self
+
+    def _check_built_layout(self) -> None:
+        """A built family's references are the directories the fetch stage makes: base and ft1..ftN (tiny), base
+        and ft_<skill> for known skills (demo)."""
+        n, root, kind = len(self.models.finetunes), self.paths.models, self.models.source
+        keys = ("models.base", *(f"models.finetunes[{i}].model" for i in range(n)))
+        if kind == "tiny":
+            built = (f"{root}/base", *(f"{root}/ft{k}" for k in range(1, n + 1)))
+        else:
+            from mergelib.demo_data import SKILLS
+
+            skills = self.models.skills()
+            for key, ref, skill in zip(keys[1:], self.models.refs()[1:], skills):
+                if skill not in SKILLS or skills.count(skill) > 1:
+                    raise ValueError(f"{key}: the demo family builds {root}/ft_<skill> once per skill "
+                                     f"({', '.join(SKILLS)}), not '{ref}'")
+            built = (f"{root}/base", *(f"{root}/ft_{s}" for s in skills))
+        for key, ref, want in zip(keys, self.models.refs(), built):
+            if ref != want:
+                raise ValueError(f"{key}: the {kind} family builds '{want}', not '{ref}'; use that path")
 
     def recipe(self, model_refs: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The merge node as the engine should see it: knobs the method lacks removed, references mapped."""

@@ -1,8 +1,10 @@
 """`dvc repro` end to end in a temporary git repository holding a copy of the working tree.
 
-One test function walks the steps in order (a module fixture could be built twice under pytest-xdist):
-repro with tracking; `python -m stages.merge method=ties density=0.5` as written; the rebuild guarantee (delete the
-outputs and DVC's cache, repro, same bytes); an eval-only experiment that must not re-run the merge.
+The fast test runs on the seeded tiny family with the quick eval suite (params.yaml recomposed in the copy); one
+test function walks the steps in order (a module fixture could be built twice under pytest-xdist): repro with
+tracking; the merge typed as `python -m stages.merge ...`; an eval-only experiment that must not re-run the merge.
+(publish=hub and publish=mlflow: tests/stages/test_stage_steps.py, in-process.) Slow tests: the rebuild guarantee (delete the outputs and
+DVC's cache, repro, same bytes) on the quick demo family, and queued experiments.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from stage_cli import copy_worktree, run, stage, stage_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # mlflow
 STAGES = ("fetch", "merge", "tokenizer", "evaluate", "export", "publish")
-PRODUCTS = ("models", "outputs", "reports/metrics.json", "reports/eval_samples.json")
+PRODUCTS = ("models", "outputs", "reports/metrics.json", "reports/eval_samples.json", "reports/skill_accuracy.csv",
+            "reports/export.json", "reports/tokenizer_report.md")
+EVAL_PRODUCTS = ("reports/metrics.json", "reports/eval_samples.json", "reports/skill_accuracy.csv", "outputs/publish")
+FAST = ("models=tiny", "eval=quick")  # the family and suite of the fast test
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -48,10 +53,13 @@ def dvc(args: list[str], repo: Path, env: dict):
     return proc
 
 
-def new_repo(tmp: Path) -> tuple[Path, dict]:
-    """A git repository with one commit holding the working tree's files, and its isolated environment."""
+def new_repo(tmp: Path, overrides=FAST) -> tuple[Path, dict]:
+    """A git repository with one commit holding the working tree's files (params.yaml composed with `overrides`),
+    and its isolated environment."""
     env = stage_env(tmp)
     root = copy_worktree(tmp / "repo")
+    proc = run([sys.executable, "-m", "mergelib.config.compose", *overrides], root, env)
+    assert proc.returncode == 0, proc.stderr
     git(["init", "-q"], root, env)
     git(["add", "-A"], root, env)
     git(["commit", "-qm", "copy of the working tree"], root, env)
@@ -70,20 +78,44 @@ def check_tracking(env: dict, merge_run_id: str) -> None:
     parents = {r.data.tags["mlflow.parentRunId"] for r in repro}
     assert len(parents) == 1
     parent = client.get_run(parents.pop())
-    assert parent.data.tags["mergelib.role"] == "pipeline" and parent.data.params["method"] == "ties"
-    assert {"eval.quick.perplexity", "merge.seconds", "merge.peak_rss_mb"} <= set(parent.data.metrics)
+    assert parent.data.tags["mergelib.role"] == "pipeline" and parent.data.params["method"] == "task_arithmetic"
+    metrics = set(parent.data.metrics)
+    assert {"eval.merged.demo_add.exact_match", "eval.base.demo_rev.exact_match", "eval.ft1.demo_ppl.bits_per_byte",
+            "export.safetensors-float16.top1", "merge.seconds", "tokenizer.added_tokens"} <= metrics
     assert all(r.data.tags.get("mlflow.source.git.commit") for r in repro)
+    evaluate = next(r for r in repro if r.data.tags["mergelib.stage"] == "evaluate")
+    logged = {a.path for a in client.list_artifacts(evaluate.info.run_id, "reports")}
+    assert {"reports/metrics.json", "reports/accuracy.png", "reports/skill_accuracy.csv"} <= logged
 
     own = client.get_run(merge_run_id)
     assert own.info.status == "FINISHED" and own.info.run_name == "merge"
     assert own.data.tags["mlflow.parentRunId"] not in {r.data.tags["mlflow.parentRunId"] for r in repro}
-    assert own.data.params["method"] == "ties" and own.data.params["merge.parameters.density"] == "0.5"
-    assert own.data.params["inputs.0.ref"] == "models/demo/base" and len(own.data.params["inputs.0.sha256"]) == 64
+    assert own.data.params["method"] == "task_arithmetic" and own.data.params["merge.parameters.weight"] == "0.8"
+    assert own.data.params["inputs.0.ref"] == "models/tiny/base" and len(own.data.params["inputs.0.sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(merge_run_id, "merged")}
     assert {"merged/mergekit_config.yml", "merged/README.md", "merged/lock.json"} <= artifacts
 
 
-def test_repro_stage_command_rebuild_and_eval_only_change(tmp_path):
+def check_reports(root: Path) -> None:
+    """metrics.json has the merge and both parents per task, in range; the export check passed."""
+    doc = json.loads((root / "reports/metrics.json").read_text())
+    assert set(doc["parents"]) == {"base", "ft1", "ft2"}
+    for per_task in [doc["merged"], *doc["parents"].values()]:
+        assert set(per_task) == {"demo_add", "demo_rev", "demo_ppl"}
+        assert all(0 <= per_task[t]["exact_match"] <= 1 and per_task[t]["samples"] == 8 for t in ("demo_add", "demo_rev"))
+        assert per_task["demo_ppl"]["bits_per_byte"] > 0
+    assert (root / "reports/accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(open(root / "reports/skill_accuracy.csv")))
+    assert len(rows) == 4 * 2 and {r["model"] for r in rows} == {"base", "ft1", "ft2", "merged"}
+    export = json.loads((root / "reports/export.json").read_text())["export"]
+    assert export["safetensors-float16"]["passed"] is True and export["safetensors-float16"]["top1"] == 1.0
+    manifest = json.loads((root / "outputs/publish/manifest.json").read_text())
+    assert manifest["target"] == "none" and manifest["tag"] == "v0.1.0"
+    assert "safetensors-float16/model.safetensors" in manifest["files"] and "README.md" in manifest["files"]
+    assert "tokens added beyond the base's vocabulary: 0." in (root / "reports/tokenizer_report.md").read_text().lower()
+
+
+def test_repro_stage_command_publish_and_eval_only_change(tmp_path):
     root, env = new_repo(tmp_path)
     started = time.perf_counter()
     first = dvc(["repro"], root, env)
@@ -93,43 +125,53 @@ def test_repro_stage_command_rebuild_and_eval_only_change(tmp_path):
     assert "Data and pipelines are up to date" in dvc(["status"], root, env).stdout
     before = digests(root)
     assert any(k.startswith("outputs/merged/") and k.endswith(".safetensors") for k in before)
+    check_reports(root)
 
     # The same merge typed by hand with the defaults as overrides: composed from conf/, same bytes as the repro.
-    proc = stage("merge", "method=ties", "density=0.5", cwd=root, env=env)
+    proc = stage("merge", *FAST, "method=task_arithmetic", "weight=0.8", cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "merge: wrote " in proc.stdout and "outputs/merged" in proc.stdout
     run_id = re.search(r"mlflow run ([0-9a-f]{32})", proc.stdout).group(1)
     assert digests(root) == before
     out = root / "outputs/merged"
     recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
-    assert recipe["merge_method"] == "ties" and recipe["parameters"] == {"density": 0.5, "weight": 1.0}
-    lock = {m["ref"]: m for m in json.loads((root / "models/demo/lock.json").read_text())["models"]}
+    assert recipe["merge_method"] == "task_arithmetic" and recipe["parameters"] == {"density": 0.5, "weight": 0.8}
+    lock = {m["ref"]: m for m in json.loads((root / "models/tiny/lock.json").read_text())["models"]}
     for entry in json.loads((out / "mergelib_run.json").read_text())["inputs"]:  # read exactly the locked bytes
         assert entry["files"] == {k: v for k, v in lock[entry["model"]]["files"].items() if k in entry["files"]}
     check_tracking(env, run_id)
 
-    # Rebuild: nothing left to restore from, every stage runs again, every byte is the same.
-    for rel in ("outputs", "models", "reports/metrics.json", "reports/eval_samples.json", ".dvc/cache"):
-        path = root / rel
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    rebuilt = dvc(["repro"], root, {**env, "MERGELIB_TRACKING": "off"})
+    # An eval knob re-runs only the evaluation (and the publish, whose card holds the scores).
+    git(["add", "-A"], root, env)
+    git(["commit", "-qm", "pipeline outputs"], root, env)
+    # `-S` recomposes params.yaml from conf/ (DVC's Hydra integration): the family and suite are given again
+    exp = dvc(["exp", "run", *(f"-S{o}" for o in FAST), "-S", "eval.limit=4"], root,
+              {**env, "MERGELIB_TRACKING": "off"})
+    assert "Running stage 'evaluate'" in exp.stdout
+    for name in ("fetch", "merge", "tokenizer", "export"):  # unchanged, or restored from DVC's run cache
+        assert f"Running stage '{name}'" not in exp.stdout and f"Stage '{name}' " in exp.stdout
+    after = digests(root)
+    assert {k: v for k, v in after.items() if not k.startswith(EVAL_PRODUCTS)} == {
+        k: v for k, v in before.items() if not k.startswith(EVAL_PRODUCTS)
+    }
+    shown = list(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv"], root, env).stdout)))
+    assert {row["eval.limit"] for row in shown} >= {"4", "8"}
+    assert any(row.get("merged.demo_add.exact_match") for row in shown)  # metrics.json columns
+
+
+@pytest.mark.slow
+def test_rebuild_gives_the_same_bytes(tmp_path):
+    """Nothing left to restore from (outputs, models and DVC's cache deleted): every stage runs, same bytes."""
+    root, env = new_repo(tmp_path, ("models=demo_quick", "eval=quick"))
+    env = {**env, "MERGELIB_TRACKING": "off"}
+    dvc(["repro"], root, env)
+    before = digests(root)
+    for rel in ("outputs", "models", "reports", ".dvc/cache"):
+        shutil.rmtree(root / rel)
+    rebuilt = dvc(["repro"], root, env)
     for name in STAGES:
         assert f"Running stage '{name}'" in rebuilt.stdout
     assert digests(root) == before
-
-    # An eval knob re-runs only the evaluation.
-    git(["add", "-A"], root, env)
-    git(["commit", "-qm", "pipeline outputs"], root, env)
-    exp = dvc(["exp", "run", "-S", "eval.max_new_tokens=4"], root, {**env, "MERGELIB_TRACKING": "off"})
-    assert "Running stage 'evaluate'" in exp.stdout
-    for name in ("fetch", "merge", "tokenizer", "export", "publish"):
-        assert f"Stage '{name}' didn't change, skipping" in exp.stdout
-    after = digests(root)
-    assert {k: v for k, v in after.items() if "eval_samples" not in k} == {
-        k: v for k, v in before.items() if "eval_samples" not in k
-    }
-    shown = list(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv"], root, env).stdout)))
-    assert {row["eval.max_new_tokens"] for row in shown} >= {"4", "8"}
 
 
 @pytest.mark.slow
@@ -139,10 +181,12 @@ def test_experiments_compare_and_queue(tmp_path):
     dvc(["repro"], root, env)
     git(["add", "-A"], root, env)
     git(["commit", "-qm", "pipeline outputs"], root, env)
-    exp = dvc(["exp", "run", "-S", "method=dare_ties", "-S", "density=0.3"], root, env)
+    fast = [f"-S{o}" for o in FAST]  # `-S` recomposes params.yaml from conf/: keep the tiny family
+    exp = dvc(["exp", "run", *fast, "-S", "method=dare_ties", "-S", "density=0.3"], root, env)
     assert "Running stage 'merge'" in exp.stdout
-    dvc(["exp", "run", "--queue", "-S", "method=task_arithmetic", "-S", "weight=0.8", "-n", "ta"], root, env)
-    dvc(["exp", "run", "--queue", "-S", "experiment=slerp", "-n", "slerp"], root, env)
+    dvc(["exp", "run", "--queue", *fast, "-S", "method=ties", "-S", "density=0.5", "-S", "weight=1.0", "-n", "ties"],
+        root, env)
+    dvc(["exp", "run", "--queue", *fast, "-S", "experiment=slerp", "-n", "slerp"], root, env)
     dvc(["queue", "start", "-j", "1"], root, env)
     deadline = time.time() + 540
     status = ""
@@ -153,10 +197,29 @@ def test_experiments_compare_and_queue(tmp_path):
         time.sleep(5)
     assert "Failed" not in status, status
     rows = list(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv"], root, env).stdout)))
-    assert {("ta", "task_arithmetic"), ("slerp", "slerp")} <= {(row["Experiment"], row["method"]) for row in rows}
+    assert {("ties", "ties"), ("slerp", "slerp")} <= {(row["Experiment"], row["method"]) for row in rows}
     assert any(row["method"] == "dare_ties" and row["density"] == "0.3" for row in rows)
-    perplexity = {row["method"]: row["eval.quick.perplexity"] for row in rows if row["eval.quick.perplexity"]}
-    assert len(set(perplexity.values())) == len(perplexity) >= 4  # four methods, four different models
+    bpb = {row["method"]: row["merged.demo_ppl.bits_per_byte"] for row in rows if row["merged.demo_ppl.bits_per_byte"]}
+    assert len(set(bpb.values())) == len(bpb) >= 4  # four methods, four different models
+
+
+@pytest.mark.slow
+def test_method_sweep_and_moe_stages(tmp_path):
+    """`python -m stages.sweep` merges and scores every method, then one table and one plot; `stages.moe` builds
+    and scores the MoE. The quick demo family (seconds) stands in for the trained one."""
+    env = {**stage_env(tmp_path), "MERGELIB_TRACKING": "off"}
+    root = copy_worktree(tmp_path / "repo")
+    proc = stage("sweep", "models=demo_quick", "eval=quick", "eval.parents=false", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    table = (root / "reports/method_comparison.md").read_text().splitlines()
+    methods = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp", "della", "model_stock", "breadcrumbs"]
+    assert [line.split("|")[1].strip() for line in table[2:]] == methods
+    assert (root / "reports/method_comparison.png").read_bytes()[:4] == b"\x89PNG"
+    proc = stage("moe", "models=demo_quick", "eval=quick", "eval.parents=false", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "MixtralForCausalLM, 2 experts" in proc.stdout
+    doc = json.loads((root / "reports/moe/metrics.json").read_text())
+    assert set(doc["merged"]) == {"demo_add", "demo_rev", "demo_ppl"}
 
 
 if __name__ == "__main__":

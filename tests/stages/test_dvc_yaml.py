@@ -19,8 +19,8 @@ STAGE_PARAMS = {
     "merge": {"merge", "seed", "paths.merged"},
     "tokenizer": {"paths.tokenizer"},
     "evaluate": {"eval"},
-    "export": {"export", "paths.export"},
-    "publish": {"publish", "paths.publish"},
+    "export": {"export", "method", "models.name", "paths.export"},
+    "publish": {"publish", "models.name", "paths.publish"},
 }
 
 
@@ -102,6 +102,19 @@ def test_merge_depends_on_every_module_the_engine_imports():
     assert len(needed) > 20
     missing = sorted(str(f.relative_to(REPO)) for f in needed if not any(f == d or d in f.parents for d in deps))
     assert not missing, f"add to the merge stage's deps in dvc.yaml: {missing}"
+
+
+def test_plots_read_files_the_evaluate_stage_writes():
+    outs = set(entries(STAGE_DEFS["evaluate"], "outs"))
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    files = set()
+    for plot in plots:
+        if isinstance(plot, str):
+            files.add(resolved(plot))
+        else:
+            (definition,) = plot.values()
+            files |= {resolved(f) for f in definition["y"]}
+    assert files == {"reports/skill_accuracy.csv", "reports/accuracy.png"} and files <= outs
 
 
 def test_bytecode_is_ignored_by_dvc():

@@ -35,6 +35,14 @@ def test_bad_override_is_one_line_and_writes_nothing(workspace, overrides, expec
     assert not Path(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).exists()  # not even a tracking run
 
 
+def test_bad_eval_task_is_one_line(workspace):
+    ws, env = workspace
+    proc = stage("evaluate", "eval.tasks=[demo_add,demo_addd]", cwd=ws, env={**env, "MERGELIB_TRACKING": "off"})
+    line = one_error_line(proc)
+    assert "demo_addd" in line and "demo_add" in line
+    assert not (ws / "reports").exists()
+
+
 def test_missing_local_model_names_it(workspace):
     ws, env = workspace
     proc = stage("fetch", "models=local", "models.base=/nonexistent/base", "models.finetunes=[{model: /nonexistent/ft}]",

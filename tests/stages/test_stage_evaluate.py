@@ -1,73 +1,46 @@
-"""The quick evaluation: perplexity against a per-prefix recomputation and a hand-derived golden value (an all-zero
-head gives uniform predictions, so perplexity = vocabulary size), greedy text against a plain argmax loop."""
+"""The evaluate stage's bookkeeping on known numbers: parent labels from the lock, the DVC plot rows, the MLflow
+metric names and the one-line summary (the scores themselves are tested in tests/test_evaluate.py)."""
 
 from __future__ import annotations
 
-import math
-import shutil
+import csv
+from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from mergelib.fetch import LockedModel
+from mergelib.pipeline_eval import family_labels, flat_metrics, summary_line, write_skill_rows
 
-from mergelib.config.compose import ConfigError
-from mergelib.pipeline_eval import evaluate_model
-
-TEXTS = ("23+45=68", "abcd>dcba", "x")
-
-
-def reference_nll(model, tokenizer, texts) -> tuple[float, int]:
-    """Sum of -log p(token t | tokens < t), each prefix run through the model on its own."""
-    total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0].tolist()
-        for t in range(1, len(ids)):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids[:t]])).logits[0, -1].double()
-            total -= float(logits[ids[t]] - torch.logsumexp(logits, 0))
-            count += 1
-    return total, count
+DOC = {
+    "merged": {"demo_add": {"exact_match": 0.7, "samples": 200}, "demo_ppl": {"bits_per_byte": 1.5}},
+    "parents": {
+        "base": {"demo_add": {"exact_match": 0.0, "samples": 200}, "demo_ppl": {"bits_per_byte": 1.25}},
+        "ft_add": {"demo_add": {"exact_match": 1.0, "samples": 200}, "demo_ppl": {"bits_per_byte": 1.75}},
+    },
+    "summary": {"merged": {"exact_match_mean": 0.7}},
+}
 
 
-def reference_greedy(model, tokenizer, prompt: str, steps: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids[0].tolist()
-    new = []
-    for _ in range(steps):
-        with torch.no_grad():
-            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
-        new.append(nxt)
-        if nxt == tokenizer.eos_token_id:
-            break
-    return tokenizer.decode(new, skip_special_tokens=True)
+def test_family_labels_from_the_lock():
+    refs = ("models/demo/base", "models/demo/ft_add", "Qwen/Qwen2.5-0.5B-Instruct@7ae5")
+    lock = {r: LockedModel(r, "demo", r, f"/data/{i}") for i, r in enumerate(refs)}
+    assert family_labels(refs, lock) == {"base": Path("/data/0"), "ft_add": Path("/data/1"),
+                                         "Qwen2.5-0.5B-Instruct": Path("/data/2")}
 
 
-def test_perplexity_and_greedy_match_independent_loops(tiny_family):
-    model_dir = tiny_family.finetunes[0]
-    result = evaluate_model(model_dir, model_dir, TEXTS, prompts=("12+", "ab"), max_new_tokens=5)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    total, count = reference_nll(model, tokenizer, TEXTS)
-    assert result.tokens == count == (8 + 9 + 1)  # byte-level: one token per character, <s> only as context
-    assert result.mean_nll == pytest.approx(total / count, rel=1e-5)
-    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert result.generations == tuple((p, reference_greedy(model, tokenizer, p, 5)) for p in ("12+", "ab"))
-    assert result.metrics() == {"perplexity": result.perplexity, "mean_nll": result.mean_nll, "tokens": count}
+def test_skill_rows_hold_every_accuracy_and_nothing_else(tmp_path):
+    rows = list(csv.DictReader(open(write_skill_rows(DOC, tmp_path / "rows.csv"))))
+    assert [(r["model"], r["task"], r["label"], float(r["accuracy"])) for r in rows] == [
+        ("base", "demo_add", "demo_add / base", 0.0),
+        ("ft_add", "demo_add", "demo_add / ft_add", 1.0),
+        ("merged", "demo_add", "demo_add / merged", 0.7),
+    ]
 
 
-def test_zero_head_gives_perplexity_equal_to_vocabulary(tiny_family, tmp_path):
-    model_dir = shutil.copytree(tiny_family.base, tmp_path / "uniform")
-    for shard in model_dir.glob("*.safetensors"):
-        tensors = load_file(shard)
-        if "lm_head.weight" in tensors:
-            tensors["lm_head.weight"] = torch.zeros_like(tensors["lm_head.weight"])
-            save_file(tensors, shard, metadata={"format": "pt"})
-    result = evaluate_model(model_dir, model_dir, TEXTS, max_new_tokens=0)
-    vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
-    assert result.mean_nll == pytest.approx(math.log(vocab), rel=1e-6)
-    assert result.perplexity == pytest.approx(vocab, rel=1e-5) and result.generations == ()
-
-
-def test_no_predictable_token_is_a_config_error(tiny_family):
-    with pytest.raises(ConfigError, match="eval.texts"):
-        evaluate_model(tiny_family.base, tiny_family.base, [""], max_new_tokens=0)
+def test_flat_metrics_and_summary():
+    assert flat_metrics(DOC) == {
+        "eval.base.demo_add.exact_match": 0.0, "eval.base.demo_ppl.bits_per_byte": 1.25,
+        "eval.ft_add.demo_add.exact_match": 1.0, "eval.ft_add.demo_ppl.bits_per_byte": 1.75,
+        "eval.merged.demo_add.exact_match": 0.7, "eval.merged.demo_ppl.bits_per_byte": 1.5,
+        "eval.merged.exact_match_mean": 0.7,
+    }
+    assert summary_line(DOC) == "demo_add 0.70 (ft_add 1.00)"
+    assert summary_line({"merged": {"demo_ppl": {"bits_per_byte": 1.0}}}) == "no accuracy task"
