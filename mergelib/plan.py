@@ -7,6 +7,7 @@ raised in milliseconds, not an hour into a merge.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,7 @@ class TensorJob:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def out_bytes(self) -> int:
@@ -405,9 +403,7 @@ def build_plan(
         dtype = out_override or (DTYPES[recipe.out_dtype] if recipe.out_dtype else None) or working or lead.dtype
         if not dtype.is_floating_point:
             dtype = lead.dtype
-        numel = 1
-        for dim in target:
-            numel *= dim
+        numel = math.prod(target)
         mode = "whole"
         if numel >= STREAM_NUMEL and len(target) >= 1 and target[0] > 1 and not aligned:
             mode = "stream" if method.stream is not None else ("rows" if method.rowwise else "whole")

@@ -9,6 +9,7 @@ disk do not depend on the order of completion, and memory holds only the tensors
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -29,10 +30,7 @@ class TensorSlot:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def shard_header(slots: list[TensorSlot], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
