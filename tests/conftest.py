@@ -12,6 +12,13 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The same examples on every run (a red CI is always reproducible) and no deadlines on a shared 2-core machine.
+# `HYPOTHESIS_PROFILE=explore` draws fresh examples when hunting for new counterexamples.
+settings.register_profile("deterministic", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(scope="session")

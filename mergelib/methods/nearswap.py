@@ -24,7 +24,9 @@ def merge(inputs: MethodInputs, params: NearswapParams) -> torch.Tensor:
     assert base is not None
     (theta,) = inputs.tensors
     weight = (params.t / (base - theta).abs().clamp(min=_MIN_DISTANCE)).clamp(0.0, 1.0)
-    return weight * theta + (1 - weight) * base
+    # lerp, not w*theta + (1-w)*base: the same value, but exactly the base where the models agree and exactly
+    # theta where w = 1 (the two-product form rounds both)
+    return torch.lerp(base, theta, weight)
 
 
 SPECS = (
