@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mergelib.config.recipe import ModelRef
-from mergelib.config.run import ModelsConfig
+from mergelib.config.run import BUILT_FAMILIES, ModelsConfig
 from mergelib.errors import InputModelError
 from mergelib.io.hashing import sha256_files
 from mergelib.io.hub import is_hub_id, resolve_model
@@ -76,7 +76,7 @@ def fetch_inputs(
     When `models` is a built family (demo, tiny), its references are built into `out_dir` instead of looked up.
     """
     out_dir = Path(out_dir)
-    built = models is not None and models.source in ("demo", "tiny")
+    built = models is not None and models.source in BUILT_FAMILIES
     family_refs = set(models.refs()) if built else set()
     locked: dict[str, LockedModel] = {}
     missing: list[str] = []
@@ -106,6 +106,11 @@ def _build_demo(models: ModelsConfig, staged: Path) -> dict[str, LockedModel]:
 
         # one torch thread (the library's default): the same bytes on every machine, and fastest on shared cores
         family = build_demo_family(staged, seed=models.seed, quick=models.quick, skills=models.skills())
+    elif models.source == "smollm2":
+        from mergelib.smollm2 import build_smollm2_family
+
+        family = build_smollm2_family(staged, seed=models.seed, steps=60 if models.quick else 200,
+                                      skills=models.skills())
     else:
         from mergelib.testing.tiny import make_family
 

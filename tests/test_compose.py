@@ -39,12 +39,13 @@ CONF_FILES = {
     "experiment/slerp.yaml": ["experiment=slerp"],
     "experiment/method_sweep.yaml": ["experiment=method_sweep"],
     "experiment/moe_demo.yaml": ["experiment=moe_demo"],
+    "models/smollm2.yaml": ["models=smollm2"],
 }
 
 
 def test_every_conf_file_is_listed():
     found = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*") if p.is_file())
-    assert found == sorted(CONF_FILES) and len(found) == 22
+    assert found == sorted(CONF_FILES) and len(found) == 23
 
 
 @pytest.mark.parametrize("name", sorted(CONF_FILES))
@@ -143,7 +144,7 @@ def test_run_config_is_frozen():
         (["density=2"], ["density:", "less than or equal to 1", "(got 2)", "density=VALUE"]),
         (["method=tie"], ["method: unknown method 'tie'", "did you mean 'ties'"]),
         (["densty=0.5"], ["no key 'densty'", "did you mean 'density'"]),
-        (["models=qwen"], ["no 'qwen' in conf/models/", "demo, demo_quick, local, qwen2_5_0_5b, tiny"]),
+        (["models=qwen"], ["no 'qwen' in conf/models/", "demo, demo_quick, local, qwen2_5_0_5b, smollm2, tiny"]),
         (["method=ties,dare_ties"], ["sweep", "--queue"]),
         (["density=[1"], ["write overrides as key=value"]),
         (["models=local"], ["'models.base' is required", "models.base=VALUE"]),

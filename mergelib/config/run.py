@@ -30,16 +30,19 @@ class InputEntry(_Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+BUILT_FAMILIES = ("demo", "tiny", "smollm2")  # families the fetch stage builds offline (base + ft_<skill> / ftN)
+
+
 class ModelsConfig(_Frozen):
     """Which family to merge: the trained demo family (`demo`, mergelib.demo_family), the seeded tiny family
     (`tiny`, mergelib.testing.tiny), Hub ids (`org/name@sha`) or local directories. Both built families are made
     offline by the fetch stage."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    source: Literal["demo", "tiny", "hub", "local"]
+    source: Literal["demo", "tiny", "smollm2", "hub", "local"]
     size: str = "tiny"  # tiny family only
     seed: int = Field(default=0, ge=0)  # built families only
-    quick: bool = False  # demo family only: train for seconds (tests), no quality bar
+    quick: bool = False  # demo/smollm2 families only: train briefly (tests), no quality bar
     base: str = Field(min_length=1)
     finetunes: tuple[InputEntry, ...] = Field(min_length=1)
 
@@ -148,7 +151,7 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _recipe_valid(self) -> RunConfig:
-        if self.models.source in ("demo", "tiny"):
+        if self.models.source in BUILT_FAMILIES:
             self._check_built_layout()
         try:
             load_recipe(self.recipe())
