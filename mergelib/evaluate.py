@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from mergelib.errors import InputModelError, MergelibError, did_you_mean
-from mergelib.io.hashing import sha256_file, sha256_files
+from mergelib.io.hashing import hash_model_dir, sha256_file
 
 TASK_DIR = Path(__file__).parent / "eval_tasks"
 DATA_DIR = TASK_DIR / "data"  # the held-out sets, identical to what the demo family writes
@@ -217,17 +217,6 @@ def _first(resps: Any) -> str:
     return str(resps)
 
 
-def model_fingerprint(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file that makes up a model directory (hidden entries skipped; digests cached by mtime)."""
-    model_dir = Path(model_dir)
-    files = sorted(
-        p for p in model_dir.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
-    )
-    digests = sha256_files(files)
-    return {p.relative_to(model_dir).as_posix(): digests[str(p)] for p in files}
-
-
 def _cache_key(model_dir: Path, resolved, limit, batch_size: int, seed: int) -> str:
     def describe(spec):
         if isinstance(spec, str):
@@ -238,7 +227,7 @@ def _cache_key(model_dir: Path, resolved, limit, batch_size: int, seed: int) -> 
         return spec
 
     blob = {
-        "version": CACHE_VERSION, "lm_eval": version("lm_eval"), "model": model_fingerprint(model_dir),
+        "version": CACHE_VERSION, "lm_eval": version("lm_eval"), "model": hash_model_dir(model_dir),
         "tasks": [describe(t.spec) for t in resolved], "limit": limit, "batch_size": batch_size, "seed": seed,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

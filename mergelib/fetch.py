@@ -17,7 +17,7 @@ from pathlib import Path
 from mergelib.config.recipe import ModelRef
 from mergelib.config.run import BUILT_FAMILIES, ModelsConfig
 from mergelib.errors import InputModelError
-from mergelib.io.hashing import sha256_files
+from mergelib.io.hashing import hash_model_dir
 from mergelib.io.hub import is_hub_id, resolve_model
 from mergelib.pipeline_steps import build_dir
 
@@ -35,17 +35,6 @@ class LockedModel:
     path: str  # the directory holding the bytes
     revision: str | None = None  # resolved commit sha (hub)
     files: dict[str, str] = field(default_factory=dict)  # path inside the model -> sha256
-
-
-def hash_model_dir(path: Path) -> dict[str, str]:
-    """sha256 of every regular file in a model directory (hidden entries such as `.cache/` skipped)."""
-    path = Path(path)
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    digests = sha256_files(files)
-    return {p.relative_to(path).as_posix(): digests[str(p)] for p in files}
 
 
 def _display(path: Path) -> str:

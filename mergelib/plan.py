@@ -21,7 +21,7 @@ from mergelib.config.recipe import MergeRecipe, ModelRef
 from mergelib.errors import InputModelError, RecipeError
 from mergelib.io.hub import resolve_model
 from mergelib.io.index import ShardIndex, TensorInfo, index_model, read_config
-from mergelib.io.writer import TensorSlot, shard_names
+from mergelib.io.writer import TensorSlot, pack_shards
 from mergelib.methods import MethodSpec, Params, get_method
 from mergelib.tokenizer import TokenizerPlan, plan_tokenizer
 
@@ -453,7 +453,7 @@ def build_plan(
     config = _output_config(ref_model, spec, out_layer, layer_origin, models, any_untied_head, jobs)
     if align:
         config["vocab_size"] = tokenizer.vocab_size
-    shards = _shard_layout(jobs, out_shard_size)
+    shards = pack_shards([TensorSlot(j.name, j.shape, j.dtype) for j in jobs], out_shard_size)
     donor = reference
     return MergePlan(
         recipe, method, tuple(models), tuple(jobs), shards, config, working, donor, tuple(notes), allow_nan,
@@ -514,16 +514,3 @@ def _output_config(
         dtype_name = str(jobs[-1].dtype).removeprefix("torch.")
         config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
     return config
-
-
-def _shard_layout(jobs: list[TensorJob], limit: int) -> dict[str, list[TensorSlot]]:
-    groups: list[list[TensorSlot]] = [[]]
-    size = 0
-    for job in jobs:
-        slot = TensorSlot(job.name, job.shape, job.dtype)
-        if groups[-1] and size + slot.nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(slot)
-        size += slot.nbytes
-    return dict(zip(shard_names(len(groups)), groups))

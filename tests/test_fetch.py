@@ -13,7 +13,8 @@ import pytest
 from mergelib.config.compose import compose
 from mergelib.config.run import run_config
 from mergelib.errors import InputModelError
-from mergelib.fetch import LOCK_NAME, fetch_inputs, hash_model_dir, pinned_refs, read_lock
+from mergelib.fetch import LOCK_NAME, fetch_inputs, pinned_refs, read_lock
+from mergelib.io.hashing import hash_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"

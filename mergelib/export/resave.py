@@ -18,7 +18,7 @@ from mergelib.export.errors import ExportError
 from mergelib.export.staging import staged_dir
 from mergelib.io.index import ShardIndex, index_model, read_config
 from mergelib.io.reader import read_tensor
-from mergelib.io.writer import ShardFile, TensorSlot, shard_names, write_index
+from mergelib.io.writer import ShardFile, TensorSlot, pack_shards, write_index
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt")
@@ -39,15 +39,7 @@ def group_slots(slots: list[TensorSlot], shard_size: int) -> dict[str, list[Tens
     """Slots in order, packed greedily into shards of at most `shard_size` bytes (a bigger tensor alone)."""
     if shard_size <= 0:
         raise ExportError(f"shard_size {shard_size}: must be a positive number of bytes")
-    groups: list[list[TensorSlot]] = [[]]
-    used = 0
-    for slot in slots:
-        if groups[-1] and used + slot.nbytes > shard_size:
-            groups.append([])
-            used = 0
-        groups[-1].append(slot)
-        used += slot.nbytes
-    return dict(zip(shard_names(len(groups)), groups))
+    return pack_shards(slots, shard_size)
 
 
 def write_shards(staged: Path, shards: dict[str, list[TensorSlot]],

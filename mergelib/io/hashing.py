@@ -58,3 +58,15 @@ def sha256_files(paths: list[Path]) -> dict[str, str]:
             except OSError:
                 pass  # the cache is an optimisation; hashes are still returned
     return out
+
+
+def hash_model_dir(path: Path) -> dict[str, str]:
+    """sha256 of every regular file in a model directory (hidden entries such as `.cache/` skipped), keyed by
+    the path relative to it."""
+    path = Path(path)
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    digests = sha256_files(files)
+    return {p.relative_to(path).as_posix(): digests[str(p)] for p in files}

@@ -106,6 +106,20 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
+def pack_shards(slots: list[TensorSlot], limit: int) -> dict[str, list[TensorSlot]]:
+    """Slots in order, packed greedily into shards of at most `limit` bytes (a bigger tensor gets one alone),
+    keyed by their file names."""
+    groups: list[list[TensorSlot]] = [[]]
+    used = 0
+    for slot in slots:
+        if groups[-1] and used + slot.nbytes > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(slot)
+        used += slot.nbytes
+    return dict(zip(shard_names(len(groups)), groups))
+
+
 def write_index(out_dir: Path, shards: dict[str, list[TensorSlot]], metadata: dict[str, str]) -> None:
     """`model.safetensors.index.json` (only written for more than one shard)."""
     if len(shards) < 2:

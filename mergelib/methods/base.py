@@ -6,6 +6,8 @@ and, for randomized methods, a generator seeded by (seed, tensor name) (see `mer
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -83,3 +85,16 @@ class MethodSpec:
     #   stream:  a two-phase implementation over StreamInputs (tensor-level statistics, then row blocks).
     rowwise: bool = False
     stream: Callable[[StreamInputs, Params], None] | None = None
+
+
+ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised
+
+
+def require_nonzero_weight_sum(model_params: tuple[Params, ...], flag: str) -> None:
+    """ValueError when the per-model weights sum to (about) 0, for methods that divide by that sum under `flag`."""
+    weights = [p.weight for p in model_params]
+    total = math.fsum(weights)
+    if abs(total) <= ZERO_SUM_RTOL * math.fsum(abs(w) for w in weights):
+        raise ValueError(
+            f"weight: weights sum to {total:g} with {flag}: true; give weights with a nonzero sum or set {flag}: false"
+        )

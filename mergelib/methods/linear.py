@@ -10,10 +10,9 @@ import math
 
 import torch
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import MethodInputs, MethodSpec, Params, require_nonzero_weight_sum
 
 # Σ w below this fraction of Σ|w| is a cancellation: dividing by it would amplify the merge by > 1e6.
-_ZERO_SUM_RTOL = 1e-6
 
 
 class LinearParams(Params):
@@ -28,13 +27,7 @@ def check_weights(params: LinearParams, model_params: tuple[LinearModelParams, .
     """Reject weights that sum to (about) 0 when they are to be normalised."""
     if not params.normalize:
         return
-    weights = [p.weight for p in model_params]
-    total = math.fsum(weights)
-    if abs(total) <= _ZERO_SUM_RTOL * math.fsum(abs(w) for w in weights):
-        raise ValueError(
-            f"weight: weights sum to {total:g} with normalize: true; "
-            "give weights with a nonzero sum or set normalize: false"
-        )
+    require_nonzero_weight_sum(model_params, "normalize")
 
 
 def merge(inputs: MethodInputs, params: LinearParams) -> torch.Tensor:

@@ -13,11 +13,10 @@ import math
 import torch
 from pydantic import Field
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import MethodInputs, MethodSpec, Params, require_nonzero_weight_sum
 
 # A weighted mean of unit vectors shorter than this fraction of Σ|w| is float32 rounding noise: no direction.
 _CANCEL_RTOL = 1e-6
-_ZERO_SUM_RTOL = 1e-6  # Σ w below this fraction of Σ|w| cannot be normalised
 
 
 class MultiSlerpParams(Params):
@@ -33,13 +32,7 @@ def check_weights(params: MultiSlerpParams, model_params: tuple[MultiSlerpModelP
     """Reject weights that sum to (about) 0 when they are to be normalised (one model ignores its weight)."""
     if not params.normalize_weights or len(model_params) < 2:
         return
-    weights = [p.weight for p in model_params]
-    total = math.fsum(weights)
-    if abs(total) <= _ZERO_SUM_RTOL * math.fsum(abs(w) for w in weights):
-        raise ValueError(
-            f"weight: weights sum to {total:g} with normalize_weights: true; "
-            "give weights with a nonzero sum or set normalize_weights: false"
-        )
+    require_nonzero_weight_sum(model_params, "normalize_weights")
 
 
 def merge(inputs: MethodInputs, params: MultiSlerpParams) -> torch.Tensor:
