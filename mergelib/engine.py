@@ -18,13 +18,14 @@ from tqdm import tqdm
 
 from mergelib.errors import InputModelError, MergelibError
 from mergelib.faults import failpoint
-from mergelib.io.hashing import sha256_file
+from mergelib.io.convert import to_float32
 from mergelib.io.journal import Journal
 from mergelib.io.reader import read_rows, read_tensor
 from mergelib.io.writer import ShardFile
 from mergelib.methods import MethodInputs
 from mergelib.methods.base import StreamInputs
 from mergelib.plan import MergePlan, SourceTensor, TensorJob
+from mergelib.plan import memory_budget as planned_budget
 from mergelib.rng import generator_for
 from mergelib.tokenizer import align_rows
 
@@ -50,27 +51,22 @@ class MemoryBudget:
             self._cond.notify_all()
 
 
-def default_memory_budget(plan: MergePlan) -> int:
-    """Room for the largest tensor's work (smaller tensors share it in parallel), capped at half of the memory
-    available now: peak memory follows the largest tensor, not the model."""
-    largest = max((job.work_bytes for job in plan.jobs), default=0)
-    return int(min(psutil.virtual_memory().available * 0.5, max(256 << 20, largest)))
+def default_memory_budget(plan: MergePlan, threads: int = 2) -> int:
+    """`mergelib.plan.memory_budget` over the plan's jobs, capped at half of the memory available now."""
+    works = [job.work_bytes for job in plan.jobs]
+    return int(min(psutil.virtual_memory().available * 0.5, planned_budget(works, threads)))
 
 
-def _return_freed_memory() -> None:
-    """Ask glibc to serve every allocation over 1 MiB with its own mmap, so freed tensors go back to the system
-    at once (its adaptive threshold otherwise grows to 32 MiB and keeps freed blocks in per-thread arenas)."""
+def _reuse_freed_memory() -> None:
+    """Keep freed blocks of up to 32 MiB (glibc's largest mmap threshold) in the heap for the next block instead
+    of unmapping them: a fresh mapping costs a page fault per 4 KiB on first touch, more than the merge math
+    itself. Larger buffers still get their own mapping and go back to the system when freed."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixing it also stops glibc's adaptive threshold)
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD: free heap top kept before it is handed back
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf anywhere. A sum is non-finite whenever an element is, and costs a fraction of an elementwise
-    test; only then (or on an overflow of the sum itself) is the exact test run."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
@@ -79,8 +75,8 @@ def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: 
         tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
     if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
         tensor = tensor.to(plan.working_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
-    tensor = tensor.to(torch.float32)
-    if not plan.allow_nan and not _all_finite(tensor):
+    tensor, finite = to_float32(tensor)
+    if not plan.allow_nan and not finite:
         raise InputModelError(
             f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
             "(the first found; others may follow); fix the checkpoint or pass --allow-nan to merge anyway"
@@ -147,8 +143,14 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit) -> None:
             base = load_rows(plan, job.base, start, end) if job.base is not None else None
             out(start, _merge_whole(plan, job, seed, sources, base))
     else:
+        kept: dict[tuple[int, int, int], torch.Tensor] = {}
+
         def read(i: int, start: int, end: int) -> torch.Tensor:
-            return load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
+            if not job.cached:
+                return load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
+            if (i, start, end) not in kept:  # read once, then every pass of the method reuses it
+                kept[(i, start, end)] = load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
+            return kept[(i, start, end)]
 
         stream_inputs = StreamInputs(
             shape=job.shape,
@@ -188,7 +190,7 @@ def execute(
     jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
     remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
     files: dict[str, ShardFile] = {}
-    budget = MemoryBudget(memory_budget or default_memory_budget(plan))
+    budget = MemoryBudget(memory_budget or default_memory_budget(plan, threads))
     skipped = sum(j.out_bytes for j in plan.jobs) - sum(j.out_bytes for j in jobs)
     bar = tqdm(total=plan.bytes_written, initial=skipped, unit="B", unit_scale=True, desc="merging",
                disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
@@ -205,7 +207,7 @@ def execute(
         handle = files[fname]
         handle.close()
         if journal is not None:
-            completed = journal.record(fname, sha256_file(handle.path))
+            completed = journal.record(fname, handle.digest())
             failpoint("after-shard", completed)
 
     def run(job: TensorJob, held: int) -> None:
@@ -234,7 +236,7 @@ def execute(
         if last:
             finish(fname)
 
-    _return_freed_memory()
+    _reuse_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")

@@ -27,8 +27,8 @@ from mergelib.tokenizer import TokenizerPlan, plan_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WORK_FACTOR = 4  # float32 copies a method holds beyond its inputs (stacked deltas, masks, result)
-STREAM_NUMEL = 1 << 24  # tensors from this size up (embeddings) are merged in row blocks when the method allows it
-BLOCK_NUMEL = 1 << 20  # elements per input in one row block
+BLOCK_NUMEL = 1 << 20  # elements per input in one row block; tensors from this size up are merged in blocks
+STREAM_NUMEL = 1 << 24  # from this size up (embeddings) a multi-pass method re-reads its blocks instead of keeping them
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,33 @@ class TensorJob:
         return ((self.base,) if self.base is not None else ()) + self.sources
 
     @property
+    def cached(self) -> bool:
+        """In "stream" mode: whether the input blocks are read once and kept for every pass (below
+        STREAM_NUMEL) rather than re-read per pass."""
+        return self.numel < STREAM_NUMEL
+
+    @property
     def work_bytes(self) -> int:
         """Estimated peak memory of computing this tensor (float32 inputs plus method intermediates)."""
         n_inputs = len(self.inputs)
         block = min(self.numel, self.block_rows * (self.numel // max(1, self.shape[0] if self.shape else 1)))
+        per_block = block * 4 * (n_inputs + WORK_FACTOR)
         if self.mode == "rows":
-            return block * 4 * (n_inputs + WORK_FACTOR) + self.out_bytes
-        if self.mode == "stream":  # one whole task vector + selection temporaries, a bool mask per model
-            return self.numel * (4 * 3 + len(self.sources)) + block * 4 * (n_inputs + WORK_FACTOR)
+            return per_block + block * self.dtype.itemsize
+        if self.mode == "stream":  # a per-row-ranked |task vector| and its mask (DELLA), the kept input blocks
+            held = self.numel * (4 * 3 + len(self.sources)) + (self.numel * 4 * n_inputs if self.cached else 0)
+            return held + per_block
         return self.numel * 4 * (n_inputs + WORK_FACTOR) + self.read_bytes
+
+
+def memory_budget(works: list[int], threads: int) -> int:
+    """Room for the largest tensor's work alone, or for `threads` of the larger tensors at once (the one at the
+    90th percentile of the work sizes), whichever is more, and at least 256 MiB: peak memory follows the
+    largest tensor, not the model."""
+    if not works:
+        return 256 << 20
+    ordered = sorted(works, reverse=True)
+    return max(256 << 20, ordered[0], max(1, threads) * ordered[len(ordered) // 10])
 
 
 @dataclass(frozen=True)
@@ -131,11 +149,11 @@ class MergePlan:
 
     def peak_memory(self, threads: int) -> int:
         """Estimated peak working memory with `threads` tensors in flight under the default budget
-        (room for the largest tensor's work; see engine.default_memory_budget)."""
-        costs = sorted((j.work_bytes for j in self.jobs), reverse=True)
-        if not costs:
+        (`memory_budget`), never more than the `threads` largest jobs together."""
+        works = [j.work_bytes for j in self.jobs]
+        if not works:
             return 0
-        return min(sum(costs[: max(1, threads)]), max(costs[0], 256 << 20))
+        return min(sum(sorted(works, reverse=True)[: max(1, threads)]), memory_budget(works, threads))
 
 
 @dataclass(frozen=True)
@@ -405,7 +423,7 @@ def build_plan(
             dtype = lead.dtype
         numel = math.prod(target)
         mode = "whole"
-        if numel >= STREAM_NUMEL and len(target) >= 1 and target[0] > 1 and not aligned:
+        if numel >= min(BLOCK_NUMEL, STREAM_NUMEL) and len(target) >= 1 and target[0] > 1 and not aligned:
             mode = "stream" if method.stream is not None else ("rows" if method.rowwise else "whole")
         jobs.append(
             TensorJob(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    data_offset: int | None = None  # absolute byte offset of the data in a safetensors file (None for .bin)
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +58,15 @@ class ShardIndex:
         return sorted({info.file for info in self.tensors.values()})
 
 
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Each tensor's absolute data offset, from a header safetensors has already validated (u64 header
+    length, JSON header, then the data; `data_offsets` count from the end of the header)."""
+    with open(path, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
+
+
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -66,7 +77,8 @@ def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
                 if code not in SAFETENSORS_DTYPES:
                     raise InputModelError(f"{path}: tensor '{name}' has unsupported dtype {code}")
                 out[name] = TensorInfo(path, tuple(piece.get_shape()), SAFETENSORS_DTYPES[code])
-            return out
+        offsets = _data_offsets(path)
+        return {name: replace(info, data_offset=offsets[name]) for name, info in out.items()}
     except InputModelError:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers

@@ -1,4 +1,4 @@
-"""Resume state of an interrupted merge: which output shards are complete, with their sha256.
+"""Resume state of an interrupted merge: which output shards are complete, with a digest of their bytes.
 
 The staging directory of a merge is named after a key of everything that decides the output bytes, so a re-run
 of the same recipe on the same inputs finds it; each shard is recorded only after it is fully written and synced,
@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-from mergelib.io.hashing import sha256_file
+from mergelib.io.hashing import shard_digest
 
 JOURNAL = ".mergelib-progress.json"
 
@@ -43,11 +43,11 @@ class Journal:
             pass
 
     def verified(self) -> set[str]:
-        """Shards recorded as complete whose bytes still hash to the recorded sha256 (others are redone)."""
+        """Shards recorded as complete whose bytes still hash to the recorded digest (others are redone)."""
         good = set()
         for fname, digest in self.shards.items():
             path = self.path.parent / fname
-            if path.is_file() and sha256_file(path) == digest:
+            if path.is_file() and shard_digest(path) == digest:
                 good.add(fname)
         with self._lock:
             self.shards = {f: d for f, d in self.shards.items() if f in good}

@@ -12,10 +12,12 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from mergelib.io.index import DTYPE_CODES
 
@@ -58,16 +60,25 @@ def shard_size(slots: list[TensorSlot], metadata: dict[str, str] | None = None) 
 
 
 class ShardFile:
-    """A shard being filled: header written on open, tensors written at their offsets."""
+    """A shard being filled: header written on open, tensors written at their offsets.
+
+    It also hashes its bytes as they arrive (`digest`, the `hashing.shard_digest` of the finished file): a range
+    written at the hashed prefix's end is hashed from memory at once, one written further on waits until the
+    prefix reaches it and is then read back, so the digest costs no pass over the file at the end.
+    """
 
     def __init__(self, path: Path, slots: list[TensorSlot], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.slots = {s.name: s for s in slots}
         prefix, self.offsets = shard_header(slots, metadata)
         self.size = len(prefix) + sum(s.nbytes for s in slots)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, self.size)
         os.pwrite(self._fd, prefix, 0)
+        self._hash = xxhash.xxh3_128(prefix)
+        self._hashed = len(prefix)  # bytes [0, _hashed) are in the digest
+        self._waiting: dict[int, int] = {}  # offset -> length of ranges written beyond the hashed prefix
+        self._hash_lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (its dtype and shape must match the plan)."""
@@ -90,6 +101,30 @@ class ShardFile:
         done = 0
         while done < len(view):  # pwrite may write less than asked (signals, large buffers)
             done += os.pwrite(self._fd, view[done:], offset + done)
+        self._hash_range(offset, view)
+
+    def _hash_range(self, offset: int, view: memoryview) -> None:
+        if not len(view):
+            return
+        with self._hash_lock:
+            if offset != self._hashed:
+                self._waiting[offset] = len(view)
+                return
+            self._hash.update(view)
+            self._hashed += len(view)
+            while self._hashed in self._waiting:  # ranges written earlier that now continue the prefix
+                end = self._hashed + self._waiting.pop(self._hashed)
+                while self._hashed < end:  # read back in bounded chunks
+                    chunk = os.pread(self._fd, min(end - self._hashed, 8 << 20), self._hashed)
+                    self._hash.update(chunk)
+                    self._hashed += len(chunk)
+
+    def digest(self) -> str:
+        """The shard's digest, once every planned tensor is written (`hashing.shard_digest` of the file)."""
+        with self._hash_lock:
+            if self._hashed != self.size or self._waiting:
+                raise RuntimeError(f"{self.path.name}: digest asked before every tensor was written")
+            return "xxh3-128:" + self._hash.hexdigest()
 
     def close(self) -> None:
         """Flush to disk and close."""

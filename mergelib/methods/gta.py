@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 from pydantic import ConfigDict, Field, FiniteFloat, create_model, model_validator
 
-from mergelib.methods import masks
+from mergelib.methods import fused, keep, masks
 from mergelib.methods.base import MethodInputs, MethodSpec, Params, StreamInputs
 
 
@@ -58,9 +59,9 @@ class DellaModelParams(GTAModelParams):
         return self
 
 
-# A sparsifier turns one task vector into its keep mask (bool, same shape). Every one depends on |delta| only,
-# so the streamed path hands them the magnitudes (`absolute=True`) and keeps a single float buffer.
-Sparsifier = Callable[..., torch.Tensor]
+# A sparsifier decides how one model's task vector is thinned: a keep rule (see `mergelib.methods.keep`) from
+# its parameters, the tensor's size and the generator. Random rules draw their key here, in model order.
+Sparsifier = Callable[["keep.Blocks", int, GTAModelParams, "torch.Generator | None"], keep.Rule]
 
 
 def _seeded(generator: torch.Generator | None) -> torch.Generator:
@@ -69,125 +70,83 @@ def _seeded(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def _magnitude(delta: torch.Tensor, p: GTAModelParams, generator: torch.Generator | None,
-               absolute: bool = False) -> torch.Tensor:
-    return masks.magnitude_mask(delta, p.density, absolute=absolute)
+def _magnitude(blocks: keep.Blocks, i: int, p: GTAModelParams, generator: torch.Generator | None) -> keep.Rule:
+    return keep.Band(int(p.density * blocks.numel))  # mergekit's int(): floor; k = 0 keeps nothing
 
 
-def _random(delta: torch.Tensor, p: GTAModelParams, generator: torch.Generator | None,
-            absolute: bool = False) -> torch.Tensor:
-    return masks.random_mask(delta, p.density, _seeded(generator))
+def _random(blocks: keep.Blocks, i: int, p: GTAModelParams, generator: torch.Generator | None) -> keep.Rule:
+    if p.density <= 0:
+        return keep.Band(0)  # keeps nothing, draws nothing
+    return keep.Random(masks.draw_key(_seeded(generator)), p.density)
 
 
-def _outliers(delta: torch.Tensor, p: BreadcrumbsModelParams, generator: torch.Generator | None,
-              absolute: bool = False) -> torch.Tensor:
-    return masks.outlier_mask(delta, p.density, p.gamma, absolute=absolute)
+def _outliers(blocks: keep.Blocks, i: int, p: BreadcrumbsModelParams, generator: torch.Generator | None) -> keep.Rule:
+    n_keep, n_top = masks.outlier_counts(blocks.numel, p.density, p.gamma)
+    return keep.Band(n_keep + n_top, n_top)
 
 
-def _magprune(delta: torch.Tensor, p: DellaModelParams, generator: torch.Generator | None,
-              absolute: bool = False) -> torch.Tensor:
-    return masks.magprune_mask(delta, p.density, p.epsilon, _seeded(generator))
+def _magprune(blocks: keep.Blocks, i: int, p: DellaModelParams, generator: torch.Generator | None) -> keep.Rule:
+    if p.density <= 0:
+        return keep.Band(0)
+    magnitude = torch.empty(blocks.shape, dtype=torch.float32)  # per-row ranks need the whole |delta_i|
+    for start, end, _ in blocks.ranges():
+        torch.sub(blocks.read(i, start, end), blocks.read(-1, start, end), out=magnitude[start:end]).abs_()
+    return keep.Explicit(masks.magprune_mask(magnitude, p.density, p.epsilon, _seeded(generator)))
 
 
-def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, params: GTAParams) -> torch.Tensor:
-    """base + lambda * [sum_i w_i m_i s_i(delta_i)] / [sum_i w_i m_i if normalize], delta_i = theta_i - base.
+def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, model_params: tuple,
+         generator: torch.Generator | None, params: GTAParams, emit: Callable[[int, torch.Tensor], None]) -> None:
+    """base + lambda * [sum_i w_i m_i s_i(delta_i)] / [sum_i w_i m_i if normalize], delta_i = theta_i - base,
+    emitted block by block.
 
     s_i is the sparsifier (times the L1 rescale when `rescale`), m_i the sign-consensus mask (all ones without
     consensus). A zero divisor counts as 1; without consensus so does |sum w| < 1e-8 (mergekit's guards).
-    Memory: one [N, ...] float stack of weighted task vectors, plus bool masks.
+    Passes over the blocks: the selections' radix passes (rank bands only), the L1 norms (rescale only), then
+    one fused pass that writes the result. Memory: one block of every input.
     """
+    if blocks.n_models == 0:
+        for start, end, _ in blocks.ranges():
+            emit(start, blocks.read(-1, start, end).to(torch.float32))
+        return
+    sparsified = [sparsify is not None and p.density < 1 for p in model_params]  # density 1 keeps everything
+    rules = [sparsify(blocks, i, p, generator) if on else None
+             for i, (p, on) in enumerate(zip(model_params, sparsified))]
+    arrays = keep.rule_arrays(blocks, rules)
+    factors = keep.l1_factors(blocks, arrays, sparsified) if params.rescale and any(sparsified) else \
+        np.ones(blocks.n_models, dtype=np.float32)
+    weights = np.array([p.weight for p in model_params], dtype=np.float32)
+    total = sum(p.weight for p in model_params)
+    divisor = np.float32(total if abs(total) >= 1e-8 else 1.0)
+    lam = np.float32(params.lambda_)
+    for start, end, offset in blocks.ranges():
+        base, xs = blocks.inputs(start, end)
+        out = np.empty_like(base)
+        fused.gta_block(base, xs, offset, *arrays.args(offset, offset + base.shape[0]), factors, weights,
+                        consensus, params.normalize, divisor, lam, out)
+        emit(start, torch.from_numpy(out).view((end - start, *blocks.shape[1:])))
+
+
+def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, params: GTAParams) -> torch.Tensor:
+    """The whole-tensor form of `_run`: the inputs as a single block."""
     base = inputs.base
     if base is None:
         raise ValueError(f"{inputs.name}: GTA methods need a base_model")
-    if not inputs.tensors:
-        return base.clone()
-    weighted = torch.empty((len(inputs.tensors), *base.shape), dtype=base.dtype, device=base.device)  # [N, ...]
-    for i, (tensor, p) in enumerate(zip(inputs.tensors, inputs.model_params, strict=True)):
-        delta = torch.sub(tensor, base, out=weighted[i])  # built in place: w_i * s_i(delta_i), one buffer
-        if sparsify is not None and p.density < 1:  # density 1 keeps everything for every sparsifier
-            mask = sparsify(delta, p, inputs.generator)
-            factor = masks.l1_factor(delta, mask) if params.rescale else None
-            delta.masked_fill_(mask.logical_not_(), 0.0)  # the mask is not needed after this
-            if factor is not None:
-                delta.mul_(factor)
-        delta.mul_(p.weight)
-    return _combine(weighted, inputs.model_params, consensus, params, base)
+    shape = tuple(base.shape) or (1,)  # a 0-d tensor is one row of one element
+    tensors = {-1: base.reshape(shape), **{i: t.reshape(shape) for i, t in enumerate(inputs.tensors)}}
+    blocks = keep.Blocks(shape, len(inputs.tensors), lambda i, a, b: tensors[i][a:b], shape[0])
+    out = torch.empty(shape, dtype=torch.float32)
 
+    def emit(start: int, rows: torch.Tensor) -> None:
+        out[start : start + rows.shape[0]] = rows
 
-def _combine(
-    weighted: torch.Tensor, model_params: tuple, consensus: bool, params: GTAParams, base: torch.Tensor
-) -> torch.Tensor:
-    """Sign election, normalisation, lambda and the base, over `weighted` [N, ...] = w_i * sparsified delta_i.
-
-    Every step is per element, so row blocks of `weighted` give the same bits as the whole tensor.
-    """
-    weights = [p.weight for p in model_params]
-    if consensus:
-        agree = masks.sign_consensus(weighted)  # [N, ...] bool
-        weighted.masked_fill_(agree.logical_not(), 0.0)
-        divisor = torch.zeros_like(base)
-        for weight, model_agrees in zip(weights, agree):  # a loop over models keeps temporaries at one tensor
-            divisor.add_(model_agrees, alpha=weight)
-        del agree
-        divisor.masked_fill_(divisor == 0, 1.0)
-    else:
-        total = sum(weights)
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    merged = weighted.sum(dim=0)
-    del weighted
-    if params.normalize:
-        merged /= divisor
-    if params.lambda_ != 1:
-        merged *= params.lambda_
-    return base + merged
+    _run(sparsify, consensus, blocks, inputs.model_params, inputs.generator, params, emit)
+    return out.view(base.shape)
 
 
 def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, params: GTAParams) -> None:
-    """`_merge` for tensors too large to hold every input: the same bits with far less memory.
-
-    Phase 1, one model at a time: the whole task vector (its selection is tensor-wide), its keep mask (bool) and
-    its L1 rescale factor. Phase 2, per row block: re-read the rows, apply masks and factors, `_combine`.
-    Peak: one float32 |task vector| and its selection temporaries (about 9 bytes per element), plus one bool mask
-    per model.
-    """
-    shape, step = inputs.shape, max(1, inputs.chunk_rows)
-    rows = shape[0]
-    if inputs.n_models == 0:
-        for start in range(0, rows, step):
-            inputs.emit(start, inputs.read(-1, start, min(rows, start + step)))
-        return
-    kept: list[torch.Tensor | None] = []
-    factors: list[float | None] = []
-    for i, p in enumerate(inputs.model_params):
-        if sparsify is None or p.density >= 1:
-            kept.append(None)
-            factors.append(None)
-            continue
-        magnitude = torch.empty(shape, dtype=torch.float32)  # |delta_i|: all a sparsifier and the L1 norms need
-        for start in range(0, rows, step):
-            end = min(rows, start + step)
-            block = magnitude[start:end]
-            torch.sub(inputs.read(i, start, end), inputs.read(-1, start, end), out=block)
-            block.abs_()
-        mask = sparsify(magnitude, p, inputs.generator, absolute=True)
-        factor = None
-        if params.rescale:
-            factor = masks.l1_factor(magnitude, mask)
-        del magnitude
-        kept.append(mask)
-        factors.append(factor)
-    for start in range(0, rows, step):
-        end = min(rows, start + step)
-        base = inputs.read(-1, start, end)
-        weighted = torch.empty((inputs.n_models, *base.shape), dtype=torch.float32)  # [N, rows, ...]
-        for i, p in enumerate(inputs.model_params):
-            delta = inputs.read(i, start, end) - base
-            if kept[i] is not None:
-                delta.masked_fill_(kept[i][start:end].logical_not(), 0.0)
-                if factors[i] is not None:
-                    delta.mul_(factors[i])
-            torch.mul(delta, p.weight, out=weighted[i])
-        inputs.emit(start, _combine(weighted, inputs.model_params, consensus, params, base))
+    """`_merge` for tensors too large to hold every input: the same bits, re-reading row blocks per pass."""
+    blocks = keep.Blocks(inputs.shape, inputs.n_models, inputs.read, inputs.chunk_rows)
+    _run(sparsify, consensus, blocks, inputs.model_params, inputs.generator, params, inputs.emit)
 
 
 def _spec(

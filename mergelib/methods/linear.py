@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from mergelib.methods import fused
 from mergelib.methods.base import MethodInputs, MethodSpec, Params, require_nonzero_weight_sum
 
 # Σ w below this fraction of Σ|w| is a cancellation: dividing by it would amplify the merge by > 1e6.
@@ -33,12 +35,11 @@ def check_weights(params: LinearParams, model_params: tuple[LinearModelParams, .
 def merge(inputs: MethodInputs, params: LinearParams) -> torch.Tensor:
     """Weighted sum of the inputs, normalised by the weight sum when `params.normalize`."""
     weights = [p.weight for p in inputs.model_params]
-    out = torch.zeros_like(inputs.tensors[0])
-    for weight, tensor in zip(weights, inputs.tensors, strict=True):
-        out.add_(tensor, alpha=weight)
-    if params.normalize:
-        out.div_(math.fsum(weights))
-    return out
+    flat = tuple(t.to(torch.float32).contiguous().reshape(-1).numpy() for t in inputs.tensors)
+    out = np.empty(inputs.tensors[0].numel(), dtype=np.float32)
+    divisor = math.fsum(weights) if params.normalize else 1.0
+    fused.weighted_sum(flat, np.array(weights, dtype=np.float32), np.float32(divisor), out)  # one fused pass
+    return torch.from_numpy(out).view(inputs.tensors[0].shape)
 
 
 SPECS = (

@@ -6,8 +6,10 @@ so the same tensor always gives the same mask. Random masks draw only from the g
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from mergelib.methods import fused
 from mergelib.methods.select import top_k_mask
 
 
@@ -34,10 +36,17 @@ def magnitude_mask(delta: torch.Tensor, density: float, *, absolute: bool = Fals
     return top_k_mask(magnitude.flatten(), k).view(delta.shape)
 
 
+def draw_key(generator: torch.Generator) -> int:
+    """A 63-bit key for `fused.uniform_at`, drawn from `generator` (one draw per random mask)."""
+    return int(torch.randint(0, (1 << 63) - 1, (1,), generator=generator, dtype=torch.int64))
+
+
 def _uniform(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """U[0,1) draws shaped like `delta`, from `generator` only, moved to `delta`'s device."""
-    draws = torch.rand(delta.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return draws.to(delta.device)
+    """U[0,1) draws shaped like `delta`: the counter-based stream of a key drawn from `generator`, element j of
+    the flattened tensor getting draw j (so any block of the tensor can redraw its own values)."""
+    draws = np.empty(delta.numel(), dtype=np.float32)
+    fused.fill_uniform(draw_key(generator), 0, draws)
+    return torch.from_numpy(draws).view(delta.shape).to(delta.device)
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -63,14 +72,19 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float, *, absolute:
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
-    n_keep, n_top = int(density * n), int(gamma * n)
+    n_keep, n_top = outlier_counts(n, density, gamma)
     n_bot = n - n_keep - n_top
-    if n_bot < 0:
-        n_top, n_bot = n_top + n_bot, 0
     magnitude = (delta if absolute else delta.abs()).flatten()
     # Top-k masks are nested in one total order, so their difference is the band of ranks [n_top, n - n_bot).
     band = top_k_mask(magnitude, n - n_bot) & ~top_k_mask(magnitude, n_top)
     return band.view(delta.shape)
+
+
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' (kept, dropped-from-the-top) counts for n elements: floor(density*n) and floor(gamma*n),
+    the top cut shrunk when the two overlap (keep + top <= n)."""
+    n_keep, n_top = int(density * n), int(gamma * n)
+    return n_keep, min(n_top, n - n_keep)
 
 
 def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:

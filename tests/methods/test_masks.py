@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -150,9 +151,37 @@ def test_magnitude_matches_sort_reference(delta, density):
 # ---- random_mask ----
 
 
+def ref_draws(seed: int, count: int) -> list[float]:
+    """The counter-based U[0,1) stream, computed in Python ints: the key is one randint from the generator,
+    draw j is the top 24 bits of splitmix64's finaliser applied to key + j * 0x9E3779B97F4A7C15 (mod 2**64)."""
+    mask = (1 << 64) - 1
+    key = int(torch.randint(0, (1 << 63) - 1, (1,), generator=gen(seed)))
+    out = []
+    for j in range(count):
+        z = (key + j * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append((z >> 40) / 2**24)
+    return out
+
+
+def test_uniform_draws_golden_and_blockwise():
+    from mergelib.methods import fused
+
+    # splitmix64 of 0 is 0 whatever the finaliser; index 1 of key 0 mixes the golden-ratio increment
+    assert fused.uniform_at(0, 0) == 0.0
+    draws = np.empty(1000, dtype=np.float32)
+    fused.fill_uniform(12345, 0, draws)
+    tail = np.empty(400, dtype=np.float32)
+    fused.fill_uniform(12345, 600, tail)  # a block starting at 600 redraws the same values
+    assert np.array_equal(draws[600:], tail)
+    assert ((draws >= 0) & (draws < 1)).all() and abs(float(draws.mean()) - 0.5) < 0.05
+
+
 def test_random_mask_matches_draws_and_repeats():
     delta = torch.randn(4, 5, generator=gen(0))
-    draws = torch.rand(4, 5, generator=gen(7)).flatten().tolist()
+    draws = ref_draws(7, 20)
     got = random_mask(delta, 0.3, gen(7))
     assert got.dtype == torch.bool
     assert got.flatten().tolist() == [u < 0.3 for u in draws]
@@ -212,7 +241,7 @@ def test_magprune_matches_row_reference(delta, density_eps, seed):
     got = magprune_mask(delta, density, epsilon, gen(seed))
     assert got.shape == delta.shape and got.dtype == torch.bool
     rows = delta.reshape(-1, delta.shape[-1]).tolist()
-    draws = torch.rand(delta.shape, generator=gen(seed)).flatten().tolist()
+    draws = ref_draws(seed, delta.numel())
     assert got.flatten().tolist() == ref_magprune(rows, density, epsilon, draws)
     assert torch.equal(got, magprune_mask(delta, density, epsilon, gen(seed)))
 

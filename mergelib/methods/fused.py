@@ -1,0 +1,240 @@
+"""Compiled per-element kernels (numba) for the hot merge methods: one pass over the inputs instead of dozens.
+
+A chain of torch ops costs a full memory pass and a fresh output buffer per op (on this class of machine, the
+page faults of a fresh buffer cost more than the op). These kernels fuse the whole chain for one block of
+elements: linear sums, the generalized task arithmetic family (keep rules, L1 rescale, sign election,
+normalisation, lambda) and the statistics its tensor-wide selections need (radix histograms of |delta|). Each
+is plain float32 arithmetic in a fixed order (no fastmath: no reassociation, no FMA contraction), so a block
+gives the same bits wherever it starts and whichever thread runs it. Arrays are flat, C-contiguous float32;
+`offset` is the flat index of the block's first element (ties and random draws are keyed by flat index).
+
+Keep rules, one per model (arrays indexed by model):
+  kind 0: keep all; 1: rank band (keep the top-k_lo |delta|, drop the top-k_hi), each cut given as a value and
+  a flat-index limit for the values equal to it (those below it rank inside: lower indices win); 2: keep where
+  uniform(key, index) < prob; 3: an explicit bool mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+KEEP_ALL, KEEP_BAND, KEEP_RANDOM, KEEP_MASK = 0, 1, 2, 3
+_CHUNK = 4096  # elements per inner step of the histogram kernels (their scratch stays in L1)
+
+_jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+@_jit
+def _mix64(z):
+    """splitmix64's finaliser: a bijective 64-bit mix with full avalanche."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@_jit
+def uniform_at(key, index):
+    """U[0,1) float32 for element `index` of the stream `key`: the top 24 bits of a mix of the pair, so every
+    value is a multiple of 2**-24 and exactly representable. Counter-based: no state, any order, any block."""
+    z = _mix64(np.uint64(key) + np.uint64(index) * np.uint64(0x9E3779B97F4A7C15))
+    return np.float32(z >> np.uint64(40)) * np.float32(5.9604644775390625e-08)
+
+
+@_jit
+def fill_uniform(key, offset, out):
+    """out[j] = uniform_at(key, offset + j)."""
+    for j in range(out.shape[0]):
+        out[j] = uniform_at(key, offset + j)
+
+
+@_jit
+def weighted_sum(xs, weights, divisor, out):
+    """out = (sum_i weights[i] * xs[i]) / divisor, summed in model order from 0 (divisor 1: no division)."""
+    n = out.shape[0]
+    out[:] = 0
+    for i in range(len(xs)):
+        x = xs[i]
+        w = weights[i]
+        for j in range(n):
+            out[j] += w * x[j]
+    if divisor != 1:
+        for j in range(n):
+            out[j] = out[j] / divisor
+
+
+@_jit
+def _keep_row(k, a_row, n, offset, lo, lo_tie, hi, hi_tie, key, p, explicit_row, keep):
+    """keep[j] = whether |delta| a_row[j] (flat index offset + j) survives one model's rule. One loop per rule
+    kind, each free of data-dependent branches (random keep decisions would mispredict half the time).
+
+    Rank bands: values above a cut are in, and so are values equal to it at flat indices below its tie limit."""
+    if k == 0:
+        for j in range(n):
+            keep[j] = True
+    elif k == 1:
+        for j in range(n):
+            a = a_row[j]
+            index = offset + j
+            inside = (a > lo) | ((a == lo) & (index < lo_tie))
+            above = (a > hi) | ((a == hi) & (index < hi_tie))
+            keep[j] = inside & ~above
+    elif k == 2:
+        for j in range(n):
+            keep[j] = uniform_at(key, offset + j) < p
+    else:
+        for j in range(n):
+            keep[j] = explicit_row[j]
+
+
+@_jit
+def abs_histograms(base, xs, wanted, hist):
+    """hist[i] += counts of the high 16 bits of |xs[i] - base| (their float32 bit patterns) for wanted models."""
+    n = base.shape[0]
+    scratch = np.empty(_CHUNK, dtype=np.float32)
+    bits = scratch.view(np.uint32)
+    for i in range(len(xs)):
+        if not wanted[i]:
+            continue
+        x = xs[i]
+        row = hist[i]
+        for s in range(0, n, _CHUNK):
+            e = min(n, s + _CHUNK)
+            for j in range(s, e):
+                scratch[j - s] = abs(x[j] - base[j])
+            for j in range(e - s):
+                row[bits[j] >> np.uint32(16)] += 1
+
+
+@_jit
+def low_histograms(base, xs, model, high, hist):
+    """hist[r] += counts of the low 16 bits of |xs[model[r]] - base| among elements whose high bits are high[r]."""
+    n = base.shape[0]
+    for r in range(model.shape[0]):
+        x = xs[model[r]]
+        want = np.uint32(high[r])
+        row = hist[r]
+        for j in range(n):
+            b = np.float32(abs(x[j] - base[j])).view(np.uint32)
+            if (b >> np.uint32(16)) == want:
+                row[b & np.uint32(0xFFFF)] += 1
+
+
+@_jit
+def bucket_members(base, xs, model, high, offset, start, fill, index, low):
+    """For each request r: append the flat index and low 16 bits of every |xs[model[r]] - base| whose high 16
+    bits are high[r], at index/low[start[r] + fill[r]...] (fill[r] counts what request r holds so far)."""
+    n = base.shape[0]
+    for r in range(model.shape[0]):
+        x = xs[model[r]]
+        want = np.uint32(high[r])
+        p = start[r] + fill[r]
+        for j in range(n):
+            bits = np.float32(abs(x[j] - base[j])).view(np.uint32)
+            if (bits >> np.uint32(16)) == want:
+                index[p] = offset + j
+                low[p] = bits & np.uint32(0xFFFF)
+                p += 1
+        fill[r] = p - start[r]
+
+
+@_jit
+def tie_position(base, x, cut, offset, seen, room):
+    """The flat index of the value equal to `cut` numbered `room` (0-based, `seen` counted before this block):
+    returns (how many equal values this block holds, that index or -1)."""
+    count = 0
+    for j in range(base.shape[0]):
+        if abs(x[j] - base[j]) == cut:
+            if seen + count == room:
+                return count, offset + j
+            count += 1
+    return count, -1
+
+
+@_jit
+def abs_sums(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob, explicit, before, after):
+    """before[i] += sum |delta_i| and after[i] += sum of the kept |delta_i|, in float64, one element at a time
+    in flat order onto the running sums: the same bits however the tensor is cut into blocks."""
+    n = base.shape[0]
+    a_row = np.empty(_CHUNK, dtype=np.float32)
+    keep = np.empty(_CHUNK, dtype=np.bool_)
+    for i in range(len(xs)):
+        x = xs[i]
+        total = before[i]
+        kept = after[i]
+        for s in range(0, n, _CHUNK):
+            e = min(n, s + _CHUNK)
+            for j in range(s, e):
+                a_row[j - s] = abs(x[j] - base[j])
+            _keep_row(kind[i], a_row, e - s, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
+                      prob[i], explicit[i, s:e] if kind[i] == 3 else explicit[i, :0], keep)
+            for j in range(e - s):
+                a = np.float64(a_row[j])
+                total += a
+                kept += a if keep[j] else 0.0
+        before[i] = total
+        after[i] = kept
+
+
+@_jit
+def gta_block(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob, explicit,
+              factors, weights, consensus, normalize, divisor, lam, out):
+    """out = base + lam * [sum_i w_i m_i f_i s_i(delta_i)] / [sum_i w_i m_i if normalize] per element.
+
+    s_i: keep rule of model i; f_i: its L1 rescale factor (1: none); m_i: agreement with the elected sign (the
+    sign of the sum of the weighted kept deltas, + on ties) when `consensus`, else 1. Under consensus a zero
+    divisor counts as 1; without it `divisor` is the caller's (sum of weights, guarded). Works in L1-sized
+    chunks, every loop running over elements (so it vectorizes) with models in the outer loops: the sums still
+    add models in order for each element. Selects instead of branches throughout.
+    """
+    n = base.shape[0]
+    n_models = len(xs)
+    d = np.empty((n_models, _CHUNK), dtype=np.float32)
+    a_row = np.empty(_CHUNK, dtype=np.float32)
+    keep = np.empty(_CHUNK, dtype=np.bool_)
+    total = np.empty(_CHUNK, dtype=np.float32)
+    elected = np.empty(_CHUNK, dtype=np.float32)
+    div = np.empty(_CHUNK, dtype=np.float32)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for s in range(0, n, _CHUNK):
+        e = min(n, s + _CHUNK)
+        m = e - s
+        b = base[s:e]
+        for i in range(n_models):
+            x = xs[i][s:e]
+            row = d[i]
+            for j in range(m):
+                v = x[j] - b[j]
+                row[j] = v
+                a_row[j] = abs(v)
+            _keep_row(kind[i], a_row, m, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
+                      prob[i], explicit[i, s:e] if kind[i] == 3 else explicit[i, :0], keep)
+            f, w = factors[i], weights[i]
+            for j in range(m):
+                row[j] = row[j] * f * w if keep[j] else zero
+        total[:m] = zero
+        for i in range(n_models):
+            row = d[i]
+            for j in range(m):
+                total[j] += row[j]
+        if consensus:
+            for j in range(m):
+                elected[j] = one if total[j] >= 0 else -one
+                total[j] = zero
+                div[j] = zero
+            for i in range(n_models):
+                row = d[i]
+                w = weights[i]
+                for j in range(m):
+                    agree = row[j] * elected[j] > 0
+                    total[j] += row[j] if agree else zero
+                    div[j] += w if agree else zero
+            for j in range(m):
+                div[j] = one if div[j] == 0 else div[j]
+        else:
+            div[:m] = divisor
+        for j in range(m):
+            t = total[j] / div[j] if normalize else total[j]
+            t = t * lam if lam != 1 else t
+            out[s + j] = b[j] + t

@@ -1,0 +1,232 @@
+"""Keep rules of sparsified task vectors, decided over row blocks without holding a whole task vector.
+
+A rank band (TIES top-k, Breadcrumbs' band) becomes a cut value plus a flat-index limit for the ties at the cut,
+found by a two-pass radix select on the float32 bits of |delta|: a histogram of the 16-bit high digits, then
+the members of the bucket holding the cut (flat index and low digit; usually a small fraction of the tensor),
+which give the cut and, when values equal to it compete for the last places, the index where the kept ones stop
+(lower flat indices win, as `select.top_k_mask`). A bucket too large to collect is histogrammed instead, and its
+tie limit found by a scan. DARE's random drop is a key into a counter-based uniform
+stream (`fused.uniform_at`); DELLA's per-row ranks need the whole |delta| and give an explicit mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mergelib.methods import fused
+
+_DIGITS = 1 << 16
+_COLLECT_MIN = 1 << 20  # bucket members always collected up to this many (16 bytes each at most)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Row-block access to one tensor's inputs: `read(i, start, end)` gives rows of input i (-1: the base)."""
+
+    shape: tuple[int, ...]
+    n_models: int
+    read: Callable[[int, int, int], torch.Tensor]
+    rows_per_block: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def ranges(self) -> Iterator[tuple[int, int, int]]:
+        """(start row, end row, flat offset of the start) of each block, in order."""
+        rows = self.shape[0]
+        row_numel = self.numel // rows if rows else 0
+        step = max(1, self.rows_per_block)
+        for start in range(0, rows, step):
+            yield start, min(rows, start + step), start * row_numel
+
+    def flat(self, i: int, start: int, end: int) -> np.ndarray:
+        """Rows [start, end) of input i as a flat float32 array."""
+        return self.read(i, start, end).to(torch.float32).contiguous().reshape(-1).numpy()
+
+    def inputs(self, start: int, end: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The base and every model's rows [start, end), flat."""
+        return self.flat(-1, start, end), tuple(self.flat(i, start, end) for i in range(self.n_models))
+
+
+@dataclass(frozen=True)
+class Band:
+    """Keep the top `k_lo` |delta| and drop the top `k_hi` (k_hi = 0: drop none)."""
+
+    k_lo: int
+    k_hi: int = 0
+
+
+@dataclass(frozen=True)
+class Random:
+    """Keep where uniform(key, flat index) < prob."""
+
+    key: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Explicit:
+    """Keep where `mask` (bool, the tensor's shape) is True."""
+
+    mask: torch.Tensor
+
+
+Rule = Band | Random | Explicit | None  # None: keep everything
+
+
+class RuleArrays:
+    """Per-model keep rules in the flat arrays the fused kernels take (see `mergelib.methods.fused`)."""
+
+    def __init__(self, n_models: int):
+        self.kind = np.zeros(n_models, dtype=np.int8)
+        self.lo_cut = np.full(n_models, -1.0, dtype=np.float32)
+        self.lo_tie = np.zeros(n_models, dtype=np.int64)
+        self.hi_cut = np.full(n_models, np.inf, dtype=np.float32)
+        self.hi_tie = np.zeros(n_models, dtype=np.int64)
+        self.key = np.zeros(n_models, dtype=np.uint64)
+        self.prob = np.zeros(n_models, dtype=np.float32)
+        self.masks: dict[int, torch.Tensor] = {}
+
+    def explicit(self, start: int, end: int) -> np.ndarray:
+        """[N, end - start] bool rows of the explicit masks for flat elements [start, end) (a dummy when none)."""
+        if not self.masks:
+            return np.zeros((len(self.kind), 1), dtype=np.bool_)
+        out = np.zeros((len(self.kind), end - start), dtype=np.bool_)
+        for i, mask in self.masks.items():
+            out[i] = mask.reshape(-1)[start:end].numpy()
+        return out
+
+    def args(self, start: int, end: int) -> tuple:
+        """The rule arguments of the kernels, for flat elements [start, end)."""
+        return (self.kind, self.lo_cut, self.lo_tie, self.hi_cut, self.hi_tie, self.key, self.prob,
+                self.explicit(start, end))
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def _digit(hist: np.ndarray, rank: int) -> tuple[int, int]:
+    """The digit holding the rank-th smallest (0-based) of a histogram, and the count below that digit."""
+    counts = np.cumsum(hist)
+    digit = int(np.searchsorted(counts, rank, side="right"))
+    return digit, int(counts[digit - 1]) if digit > 0 else 0
+
+
+def _cuts(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, int]]:
+    """(cut value, tie limit) of "the k largest |delta_i|" for each (model i, k) with 0 < k < numel: kept are
+    |delta| > cut, and |delta| == cut at flat indices below the tie limit."""
+    n = blocks.numel
+    need = np.zeros(blocks.n_models, dtype=np.bool_)
+    need[sorted({i for i, _ in wanted})] = True
+    high = np.zeros((blocks.n_models, _DIGITS), dtype=np.int64)
+    for start, end, _ in blocks.ranges():
+        fused.abs_histograms(*blocks.inputs(start, end), need, high)
+    located = [(i, k, *_digit(high[i], n - k)) for i, k in wanted]  # (i, k, high digit, count below it)
+    sizes = np.array([int(high[i, digit]) for i, _, digit, _ in located], dtype=np.int64)
+    if int(sizes.sum()) <= max(_COLLECT_MIN, n // 16):
+        return _cuts_from_members(blocks, located, sizes)
+    return _cuts_from_histograms(blocks, located)
+
+
+def _cuts_from_members(blocks: Blocks, located: list, sizes: np.ndarray) -> dict:
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    fill = np.zeros(len(located), dtype=np.int64)
+    index = np.empty(int(sizes.sum()), dtype=np.int64)
+    low = np.empty(int(sizes.sum()), dtype=np.uint16)
+    model_of = np.array([i for i, *_ in located], dtype=np.int64)
+    high_of = np.array([digit for *_, digit, _ in located], dtype=np.int64)
+    for start, end, offset in blocks.ranges():
+        fused.bucket_members(*blocks.inputs(start, end), model_of, high_of, offset, starts, fill, index, low)
+    out = {}
+    for r, (i, k, digit_high, below) in enumerate(located):
+        lows = low[starts[r] : starts[r] + sizes[r]]
+        counts = np.bincount(lows, minlength=_DIGITS)
+        digit_low, below_low = _digit(counts, blocks.numel - k - below)
+        room = k - (blocks.numel - (below + below_low + int(counts[digit_low])))  # places left at the cut
+        tie = blocks.numel
+        if counts[digit_low] > room:
+            tie = int(index[starts[r] : starts[r] + sizes[r]][lows == digit_low][room])  # members are in flat order
+        out[(i, k)] = (_bits_to_float((digit_high << 16) | digit_low), tie)
+    return out
+
+
+def _cuts_from_histograms(blocks: Blocks, located: list) -> dict:
+    low = np.zeros((len(located), _DIGITS), dtype=np.int64)
+    model_of = np.array([i for i, *_ in located], dtype=np.int64)
+    high_of = np.array([digit for *_, digit, _ in located], dtype=np.int64)
+    for start, end, _ in blocks.ranges():
+        fused.low_histograms(*blocks.inputs(start, end), model_of, high_of, low)
+    out = {}
+    for r, (i, k, digit_high, below) in enumerate(located):
+        digit_low, below_low = _digit(low[r], blocks.numel - k - below)
+        cut = _bits_to_float((digit_high << 16) | digit_low)
+        room = k - (blocks.numel - (below + below_low + int(low[r, digit_low])))
+        tie = blocks.numel
+        if int(low[r, digit_low]) > room and cut != 0:  # at a zero cut, kept or dropped zeros change nothing
+            tie = _tie_limit(blocks, i, np.float32(cut), room)
+        out[(i, k)] = (cut, tie)
+    return out
+
+
+def _tie_limit(blocks: Blocks, i: int, cut: np.float32, room: int) -> int:
+    """The flat index of the value equal to `cut` numbered `room` (0-based) in |delta_i|: those below it are kept."""
+    seen = 0
+    for start, end, offset in blocks.ranges():
+        count, index = fused.tie_position(blocks.flat(-1, start, end), blocks.flat(i, start, end), cut, offset,
+                                          seen, room)
+        if index >= 0:
+            return index
+        seen += count
+    return blocks.numel
+
+
+def rule_arrays(blocks: Blocks, rules: list[Rule]) -> RuleArrays:
+    """Resolve each model's rule over the blocks (radix passes only for rank bands that need them)."""
+    n = blocks.numel
+    arrays = RuleArrays(blocks.n_models)
+    wanted = sorted({(i, k) for i, r in enumerate(rules) if isinstance(r, Band)
+                     for k in (r.k_lo, r.k_hi) if 0 < k < n})
+    cuts = _cuts(blocks, wanted) if wanted else {}
+
+    def cut(i: int, k: int) -> tuple[float, int]:
+        if k <= 0:
+            return math.inf, -1  # nothing lies above, none at the cut counts
+        if k >= n:
+            return -1.0, 0  # every |delta| >= 0 lies above
+        return cuts[(i, k)]
+
+    for i, rule in enumerate(rules):
+        if isinstance(rule, Band):
+            arrays.kind[i] = fused.KEEP_BAND
+            arrays.lo_cut[i], arrays.lo_tie[i] = cut(i, rule.k_lo)
+            arrays.hi_cut[i], arrays.hi_tie[i] = cut(i, rule.k_hi)
+        elif isinstance(rule, Random):
+            arrays.kind[i] = fused.KEEP_RANDOM
+            arrays.key[i] = rule.key
+            arrays.prob[i] = rule.prob
+        elif isinstance(rule, Explicit):
+            arrays.kind[i] = fused.KEEP_MASK
+            arrays.masks[i] = rule.mask
+    return arrays
+
+
+def l1_factors(blocks: Blocks, arrays: RuleArrays, sparsified: list[bool]) -> np.ndarray:
+    """mergekit's rescale per model: ||delta||_1 / ||kept delta||_1 (float32), 1 where either norm is < 1e-7
+    or the model is not sparsified."""
+    before = np.zeros(blocks.n_models, dtype=np.float64)
+    after = np.zeros(blocks.n_models, dtype=np.float64)
+    for start, end, offset in blocks.ranges():
+        base, xs = blocks.inputs(start, end)
+        fused.abs_sums(base, xs, offset, *arrays.args(offset, offset + base.shape[0]), before, after)
+    factors = np.ones(blocks.n_models, dtype=np.float32)
+    for i, on in enumerate(sparsified):
+        if on and before[i] >= 1e-7 and after[i] >= 1e-7:
+            factors[i] = before[i] / after[i]
+    return factors
