@@ -1,12 +1,13 @@
 """Keep rules of sparsified task vectors, decided over row blocks without holding a whole task vector.
 
-A rank band (TIES top-k, Breadcrumbs' band) becomes a cut value plus a flat-index limit for the ties at the cut,
-found by a two-pass radix select on the float32 bits of |delta|: a histogram of the 16-bit high digits, then
-the members of the bucket holding the cut (flat index and low digit; usually a small fraction of the tensor),
-which give the cut and, when values equal to it compete for the last places, the index where the kept ones stop
-(lower flat indices win, as `select.top_k_mask`). A bucket too large to collect is histogrammed instead, and its
-tie limit found by a scan. DARE's random drop is a key into a counter-based uniform
-stream (`fused.uniform_at`); DELLA's per-row ranks need the whole |delta| and give an explicit mask.
+A rank band (TIES top-k, Breadcrumbs' band) becomes a cut value plus a flat-index limit for the values equal to
+the cut (lower flat indices win, as `select.top_k_mask`). Usually one pass finds it: a sample of |delta| places
+a narrow window of values around the cut, the pass counts the values above the window and collects those inside
+(a few percent), and the k-th largest among them is exact. When the sample misplaces the window, an exact radix
+select on the float32 bits runs instead: a histogram of the 16-bit high digits, then the members of the bucket
+holding the cut (or, for a bucket too large to collect, a low-digit histogram and a scan for the tie limit).
+DARE's random drop is a key into a counter-based uniform stream (`fused.uniform_at`); DELLA's per-row ranks need
+the whole |delta| and give an explicit mask.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import torch
 from mergelib.methods import fused
 
 _DIGITS = 1 << 16
-_COLLECT_MIN = 1 << 20  # bucket members always collected up to this many (16 bytes each at most)
+_SAMPLES = 1 << 16  # |delta| values sampled to place each window
+_SAMPLE_BLOCKS = 8  # blocks the sample is drawn from (evenly spread)
+_WINDOW_SHARE = 0.12  # a window holding more than this share of the tensor is given up
+_COLLECT_MIN = 1 << 20  # bucket members are always collected up to this many (6 to 10 bytes each)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,61 @@ def _digit(hist: np.ndarray, rank: int) -> tuple[int, int]:
 def _cuts(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, int]]:
     """(cut value, tie limit) of "the k largest |delta_i|" for each (model i, k) with 0 < k < numel: kept are
     |delta| > cut, and |delta| == cut at flat indices below the tie limit."""
+    found = _cuts_in_windows(blocks, wanted)
+    missing = [w for w in wanted if w not in found]
+    return {**found, **(_exact_cuts(blocks, missing) if missing else {})}
+
+
+def _cuts_in_windows(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, int]]:
+    """The cuts whose value falls inside a window guessed from a sample: one pass counts the values above each
+    window and collects those inside it, whose k-th largest is then exact. A guess that misses (or a window
+    holding too many values) is left out, for `_exact_cuts`."""
+    n = blocks.numel
+    ranges = list(blocks.ranges())
+    picked = ranges[:: max(1, len(ranges) // _SAMPLE_BLOCKS)]
+    in_picked = sum(end - start for start, end, _ in picked) * (n // max(1, blocks.shape[0]))
+    stride = max(1, in_picked // _SAMPLES)
+    models = sorted({i for i, _ in wanted})
+    samples = {i: np.empty(in_picked // stride + len(picked), dtype=np.float32) for i in models}
+    filled = dict.fromkeys(models, 0)
+    for start, end, _ in picked:
+        base, xs = blocks.inputs(start, end)
+        for i in models:
+            filled[i] = fused.abs_samples(base, xs[i], stride, samples[i], filled[i])
+    lo = np.empty(len(wanted), dtype=np.float32)
+    hi = np.empty(len(wanted), dtype=np.float32)
+    for r, (i, k) in enumerate(wanted):
+        ordered = np.sort(samples[i][: filled[i]])
+        m = len(ordered)
+        q = 1 - k / n  # the cut's quantile; the window spans it +- 4 standard errors of a sample quantile
+        spread = 4 * math.sqrt(q * (1 - q) / m) + 8 / m
+        lo[r] = ordered[max(0, math.floor((q - spread) * m))]
+        hi[r] = ordered[min(m - 1, math.ceil((q + spread) * m))]
+    cap = np.full(len(wanted), int(n * _WINDOW_SHARE) + 1024, dtype=np.int64)
+    starts = np.arange(len(wanted), dtype=np.int64) * cap
+    index = np.empty(int(cap.sum()), dtype=np.int32 if n < 1 << 31 else np.int64)
+    values = np.empty(int(cap.sum()), dtype=np.float32)
+    fill = np.zeros(len(wanted), dtype=np.int64)
+    above = np.zeros(len(wanted), dtype=np.int64)
+    model_of = np.array([i for i, _ in wanted], dtype=np.int64)
+    for start, end, offset in ranges:
+        fused.window_members(*blocks.inputs(start, end), model_of, lo, hi, offset, starts, fill, cap, above,
+                             index, values)
+    out = {}
+    for r, (i, k) in enumerate(wanted):
+        held = int(fill[r])
+        if held > cap[r] or not int(above[r]) < k <= int(above[r]) + held:
+            continue  # overflowed, or the cut lies outside the window
+        inside = values[starts[r] : starts[r] + held]
+        cut = np.partition(inside, held - (k - int(above[r])))[held - (k - int(above[r]))]
+        room = k - int(above[r]) - int((inside > cut).sum())  # places left for the values equal to the cut
+        ties = index[starts[r] : starts[r] + held][inside == cut]  # in flat order
+        out[(i, k)] = (float(cut), int(ties[room]) if len(ties) > room else n)
+    return out
+
+
+def _exact_cuts(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, int]]:
+    """`_cuts` by a full radix select: a histogram of the high digits, then the bucket holding each cut."""
     n = blocks.numel
     need = np.zeros(blocks.n_models, dtype=np.bool_)
     need[sorted({i for i, _ in wanted})] = True
@@ -130,16 +189,16 @@ def _cuts(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tuple[int, int]
         fused.abs_histograms(*blocks.inputs(start, end), need, high)
     located = [(i, k, *_digit(high[i], n - k)) for i, k in wanted]  # (i, k, high digit, count below it)
     sizes = np.array([int(high[i, digit]) for i, _, digit, _ in located], dtype=np.int64)
-    if int(sizes.sum()) <= max(_COLLECT_MIN, n // 16):
+    if int(sizes.sum()) <= max(_COLLECT_MIN, n // 4):  # 6 bytes a member: at most 1.5 bytes per element
         return _cuts_from_members(blocks, located, sizes)
     return _cuts_from_histograms(blocks, located)
 
 
 def _cuts_from_members(blocks: Blocks, located: list, sizes: np.ndarray) -> dict:
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    starts = np.concatenate(([0], np.cumsum(sizes + 1)[:-1])).astype(np.int64)  # a spare place after each
     fill = np.zeros(len(located), dtype=np.int64)
-    index = np.empty(int(sizes.sum()), dtype=np.int64)
-    low = np.empty(int(sizes.sum()), dtype=np.uint16)
+    index = np.empty(int(sizes.sum()) + len(located), dtype=np.int32 if blocks.numel < 1 << 31 else np.int64)
+    low = np.empty(int(sizes.sum()) + len(located), dtype=np.uint16)
     model_of = np.array([i for i, *_ in located], dtype=np.int64)
     high_of = np.array([digit for *_, digit, _ in located], dtype=np.int64)
     for start, end, offset in blocks.ranges():
