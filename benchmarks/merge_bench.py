@@ -2,9 +2,13 @@
 
 For each family (~120M and ~1B parameters, bf16, built once and cached under bench-cache/) and each case, time
 a `mergelib merge` in a fresh process and compare it with the IO floor: a process that reads the same input
-tensors and writes the same output bytes with plain safetensors. Peak RSS is the child's ru_maxrss.
+tensors and writes the same output bytes with plain safetensors. The inputs are read once first (a warm page
+cache for both); floor and merge then run `--repeat` times, alternating, and the fastest of each is reported
+(the floor is a few seconds, so machine noise would otherwise swing the ratio). Peak RSS is the child's
+ru_maxrss, the largest over the merge's runs.
 
-    python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties] [--out reports/bench.json]
+    python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties] [--repeat 2]
+                                     [--out reports/bench.json]
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["120m", "1b"])
     parser.add_argument("--cases", nargs="+", default=["linear", "ties", "dare_ties"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of the floor and of the merge, alternating; the fastest of each is reported")
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench.json"))
     args = parser.parse_args()
 
@@ -120,11 +126,16 @@ def main() -> None:
                 recipe = tmp / f"{case}.yml"
                 recipe.write_text(yaml.safe_dump(all_recipes[case]))
                 shard = str(5_000_000_000)
-                floor_s, floor_rss = measure_child([sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), shard])
-                merge_s, merge_rss = measure_child(
-                    [sys.executable, "-m", "mergelib", "merge", str(recipe), str(tmp / "merged"), "--quiet",
-                     "--threads", str(args.threads), "--out-shard-size", shard]
-                )
+                floor_runs, merge_runs = [], []
+                for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
+                    floor_runs.append(measure_child(
+                        [sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), shard]))
+                    merge_runs.append(measure_child(
+                        [sys.executable, "-m", "mergelib", "merge", str(recipe), str(tmp / "merged"), "--quiet",
+                         "--threads", str(args.threads), "--out-shard-size", shard]))
+                floor_s, floor_rss = min(floor_runs)
+                merge_s = min(t for t, _ in merge_runs)
+                merge_rss = max(rss for _, rss in merge_runs)
                 size_bytes = sum(p.stat().st_size for p in (tmp / "merged").glob("*.safetensors"))
                 row = {
                     "size": size, "case": case, "merge_s": round(merge_s, 2), "floor_s": round(floor_s, 2),
