@@ -88,6 +88,13 @@ def _keep_row(k, a_row, n, offset, lo, lo_tie, hi, hi_tie, key, p, explicit_row,
 
 
 @_jit
+def _abs_deltas(x, base, s, e, out):
+    """out[j - s] = |x[j] - base[j]| for j in [s, e)."""
+    for j in range(s, e):
+        out[j - s] = abs(x[j] - base[j])
+
+
+@_jit
 def abs_histograms(base, xs, wanted, hist):
     """hist[i] += counts of the high 16 bits of |xs[i] - base| (their float32 bit patterns) for wanted models."""
     n = base.shape[0]
@@ -100,8 +107,7 @@ def abs_histograms(base, xs, wanted, hist):
         row = hist[i]
         for s in range(0, n, _CHUNK):
             e = min(n, s + _CHUNK)
-            for j in range(s, e):
-                scratch[j - s] = abs(x[j] - base[j])
+            _abs_deltas(x, base, s, e, scratch)
             for j in range(e - s):
                 row[bits[j] >> np.uint32(16)] += 1
 
@@ -199,8 +205,7 @@ def abs_sums(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob, 
         kept = after[i]
         for s in range(0, n, _CHUNK):
             e = min(n, s + _CHUNK)
-            for j in range(s, e):
-                a_row[j - s] = abs(x[j] - base[j])
+            _abs_deltas(x, base, s, e, a_row)
             _keep_row(kind[i], a_row, e - s, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
                       prob[i], explicit[i, s:e] if kind[i] == 3 else explicit[i, :0], keep)
             for j in range(e - s):
