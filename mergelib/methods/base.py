@@ -49,8 +49,10 @@ class MethodInputs:
 class StreamInputs:
     """Lazy, row-block access to one output tensor's inputs, for tensors too large to hold every input whole.
 
-    `read(i, start, end)` returns rows [start, end) of input i as float32 (i = -1 is the base); `emit(start, rows)`
-    hands finished output rows to the writer. Results must equal the method's `merge` on whole tensors, bit for bit.
+    `read(i, start, end)` returns rows [start, end) of input i as float32 (i = -1 is the base); the engine may hand
+    out the same tensor again for the same rows (blocks it keeps between passes), so rows are read, never modified.
+    `emit(start, rows)` hands finished output rows to the writer. Results must equal the method's `merge` on whole
+    tensors, bit for bit.
     """
 
     shape: tuple[int, ...]
@@ -82,7 +84,7 @@ class MethodSpec:
     check: Callable[[Params, tuple[Params, ...]], None] | None = None
     # Memory for large tensors (the engine picks whole / rows / stream by size):
     #   rowwise: output rows depend only on the same input rows (elementwise methods): `merge` runs per row block.
-    #   stream:  a two-phase implementation over StreamInputs (tensor-level statistics, then row blocks).
+    #   stream:  passes over the row blocks of StreamInputs (tensor-level statistics first, then the result).
     rowwise: bool = False
     stream: Callable[[StreamInputs, Params], None] | None = None
 

@@ -2,6 +2,10 @@
 (arXiv:2311.03099), Model Breadcrumbs (arXiv:2312.06795), DELLA MAGPRUNE (arXiv:2406.11617), and mergekit's
 whole-tensor L1 rescale. Selections rank |delta| with ties broken by flat index (the lower index ranks higher),
 so the same tensor always gives the same mask. Random masks draw only from the generator they are given.
+
+These are the whole-tensor forms of the rules. Merges apply them over row blocks in the fused kernels
+(`mergelib.methods.keep`, `mergelib.methods.fused`); the tests hold those to the masks here, and DELLA's
+per-row MAGPRUNE probabilities are computed here.
 """
 
 from __future__ import annotations
