@@ -146,11 +146,12 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit) -> None:
         kept: dict[tuple[int, int, int], torch.Tensor] = {}
 
         def read(i: int, start: int, end: int) -> torch.Tensor:
-            if not job.cached:
-                return load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
-            if (i, start, end) not in kept:  # read once, then every pass of the method reuses it
-                kept[(i, start, end)] = load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
-            return kept[(i, start, end)]
+            rows = kept.get((i, start, end))
+            if rows is None:
+                rows = load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
+                if job.cached:  # read once, then every pass of the method reuses it
+                    kept[(i, start, end)] = rows
+            return rows
 
         stream_inputs = StreamInputs(
             shape=job.shape,

@@ -4,9 +4,11 @@ import hashlib
 import json
 import random
 
+import pytest
 import torch
 from safetensors import safe_open
 
+from mergelib.io.hashing import shard_digest
 from mergelib.io.index import index_model
 from mergelib.io.writer import ShardFile, TensorSlot, shard_names, write_index
 
@@ -48,6 +50,34 @@ def test_bytes_do_not_depend_on_write_order(tmp_path):
         random.Random(i).shuffle(names)
         digests.add(write(tmp_path / f"m{i}.safetensors", names))
     assert len(digests) == 1
+
+
+def test_running_digest_equals_the_digest_of_the_file(tmp_path):
+    """Ranges written ahead of the hashed prefix (any order, whole tensors or row blocks) still give the
+    shard_digest of the finished file, which is what a resumed merge checks a shard against."""
+    slots = [TensorSlot(k, tuple(v.shape), v.dtype) for k, v in TENSORS.items()]
+    for i in range(4):
+        path = tmp_path / f"d{i}.safetensors"
+        shard = ShardFile(path, slots)
+        names = list(TENSORS)
+        random.Random(i).shuffle(names)
+        for name in names:
+            if name == "a.weight":  # in row blocks, the last first
+                for start in (2, 0):
+                    shard.write_rows(name, start, TENSORS[name][start : start + 2])
+            else:
+                shard.write(name, TENSORS[name])
+        shard.close()
+        assert shard.digest() == shard_digest(path)
+
+
+def test_digest_before_every_tensor_is_written_is_refused(tmp_path):
+    slots = [TensorSlot(k, tuple(v.shape), v.dtype) for k, v in TENSORS.items()]
+    shard = ShardFile(tmp_path / "part.safetensors", slots)
+    shard.write("b.bias", TENSORS["b.bias"])
+    with pytest.raises(RuntimeError, match="before every tensor"):
+        shard.digest()
+    shard.close()
 
 
 def test_index_and_shard_names(tmp_path):

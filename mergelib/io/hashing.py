@@ -27,27 +27,34 @@ def _key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
+def _digest_file(path: Path, digest):
     buffer = bytearray(CHUNK)  # one buffer read into again and again: no fresh pages per chunk
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
         while got := handle.readinto(buffer):
             digest.update(view[:got])
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    return _digest_file(path, hashlib.sha256()).hexdigest()
+
+
+def shard_hasher():
+    """A running hash of a shard's bytes (xxh3-128), for `shard_digest_of`."""
+    return xxhash.xxh3_128()
+
+
+def shard_digest_of(hasher) -> str:
+    """The digest recorded for a shard, from a `shard_hasher` fed all of its bytes in order."""
+    return "xxh3-128:" + hasher.hexdigest()
 
 
 def shard_digest(path: Path) -> str:
     """xxh3-128 of a file's bytes: tells whether a shard written earlier is still whole and unchanged (a damage
     check for resuming, at memory speed; published provenance uses sha256)."""
-    digest = xxhash.xxh3_128()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while got := handle.readinto(buffer):
-            digest.update(view[:got])
-    return "xxh3-128:" + digest.hexdigest()
+    return shard_digest_of(_digest_file(path, shard_hasher()))
 
 
 def sha256_files(paths: list[Path]) -> dict[str, str]:

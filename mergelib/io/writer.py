@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import xxhash
 
+from mergelib.io.hashing import shard_digest_of, shard_hasher
 from mergelib.io.index import DTYPE_CODES
 
 
@@ -75,7 +75,8 @@ class ShardFile:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, self.size)
         os.pwrite(self._fd, prefix, 0)
-        self._hash = xxhash.xxh3_128(prefix)
+        self._hash = shard_hasher()
+        self._hash.update(prefix)
         self._hashed = len(prefix)  # bytes [0, _hashed) are in the digest
         self._waiting: dict[int, int] = {}  # offset -> length of ranges written beyond the hashed prefix
         self._hash_lock = threading.Lock()
@@ -124,7 +125,7 @@ class ShardFile:
         with self._hash_lock:
             if self._hashed != self.size or self._waiting:
                 raise RuntimeError(f"{self.path.name}: digest asked before every tensor was written")
-            return "xxh3-128:" + self._hash.hexdigest()
+            return shard_digest_of(self._hash)
 
     def close(self) -> None:
         """Flush to disk and close."""

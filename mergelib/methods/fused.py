@@ -69,17 +69,17 @@ def _keep_row(k, a_row, n, offset, lo, lo_tie, hi, hi_tie, key, p, explicit_row,
     kind, each free of data-dependent branches (random keep decisions would mispredict half the time).
 
     Rank bands: values above a cut are in, and so are values equal to it at flat indices below its tie limit."""
-    if k == 0:
+    if k == KEEP_ALL:
         for j in range(n):
             keep[j] = True
-    elif k == 1:
+    elif k == KEEP_BAND:
         for j in range(n):
             a = a_row[j]
             index = offset + j
             inside = (a > lo) | ((a == lo) & (index < lo_tie))
             above = (a > hi) | ((a == hi) & (index < hi_tie))
             keep[j] = inside & (not above)
-    elif k == 2:
+    elif k == KEEP_RANDOM:
         for j in range(n):
             keep[j] = uniform_at(key, offset + j) < p
     else:
@@ -207,7 +207,7 @@ def abs_sums(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob, 
             e = min(n, s + _CHUNK)
             _abs_deltas(x, base, s, e, a_row)
             _keep_row(kind[i], a_row, e - s, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
-                      prob[i], explicit[i, s:e] if kind[i] == 3 else explicit[i, :0], keep)
+                      prob[i], explicit[i, s:e] if kind[i] == KEEP_MASK else explicit[i, :0], keep)
             for j in range(e - s):
                 a = np.float64(a_row[j])
                 total += a
@@ -249,7 +249,7 @@ def gta_block(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob,
                 row[j] = v
                 a_row[j] = abs(v)
             _keep_row(kind[i], a_row, m, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
-                      prob[i], explicit[i, s:e] if kind[i] == 3 else explicit[i, :0], keep)
+                      prob[i], explicit[i, s:e] if kind[i] == KEEP_MASK else explicit[i, :0], keep)
             f, w = factors[i], weights[i]
             for j in range(m):
                 row[j] = row[j] * f * w if keep[j] else zero

@@ -158,7 +158,7 @@ def _cuts_in_windows(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tupl
         hi[r] = ordered[min(m - 1, math.ceil((q + spread) * m))]
     cap = np.full(len(wanted), int(n * _WINDOW_SHARE) + 1024, dtype=np.int64)
     starts = np.arange(len(wanted), dtype=np.int64) * cap
-    index = np.empty(int(cap.sum()), dtype=np.int32 if n < 1 << 31 else np.int64)
+    index = np.empty(int(cap.sum()), dtype=_index_dtype(n))
     values = np.empty(int(cap.sum()), dtype=np.float32)
     fill = np.zeros(len(wanted), dtype=np.int64)
     above = np.zeros(len(wanted), dtype=np.int64)
@@ -189,18 +189,24 @@ def _exact_cuts(blocks: Blocks, wanted: list[tuple[int, int]]) -> dict[tuple[int
         fused.abs_histograms(*blocks.inputs(start, end), need, high)
     located = [(i, k, *_digit(high[i], n - k)) for i, k in wanted]  # (i, k, high digit, count below it)
     sizes = np.array([int(high[i, digit]) for i, _, digit, _ in located], dtype=np.int64)
-    if int(sizes.sum()) <= max(_COLLECT_MIN, n // 4):  # 6 bytes a member: at most 1.5 bytes per element
-        return _cuts_from_members(blocks, located, sizes)
-    return _cuts_from_histograms(blocks, located)
-
-
-def _cuts_from_members(blocks: Blocks, located: list, sizes: np.ndarray) -> dict:
-    starts = np.concatenate(([0], np.cumsum(sizes + 1)[:-1])).astype(np.int64)  # a spare place after each
-    fill = np.zeros(len(located), dtype=np.int64)
-    index = np.empty(int(sizes.sum()) + len(located), dtype=np.int32 if blocks.numel < 1 << 31 else np.int64)
-    low = np.empty(int(sizes.sum()) + len(located), dtype=np.uint16)
     model_of = np.array([i for i, *_ in located], dtype=np.int64)
     high_of = np.array([digit for *_, digit, _ in located], dtype=np.int64)
+    if int(sizes.sum()) <= max(_COLLECT_MIN, n // 4):  # 6 bytes a member: at most 1.5 bytes per element
+        return _cuts_from_members(blocks, located, sizes, model_of, high_of)
+    return _cuts_from_histograms(blocks, located, model_of, high_of)
+
+
+def _index_dtype(numel: int) -> type:
+    """The narrowest integer type holding every flat index of a tensor."""
+    return np.int32 if numel < 1 << 31 else np.int64
+
+
+def _cuts_from_members(blocks: Blocks, located: list, sizes: np.ndarray, model_of: np.ndarray,
+                       high_of: np.ndarray) -> dict:
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    fill = np.zeros(len(located), dtype=np.int64)
+    index = np.empty(int(sizes.sum()), dtype=_index_dtype(blocks.numel))
+    low = np.empty(int(sizes.sum()), dtype=np.uint16)
     for start, end, offset in blocks.ranges():
         fused.bucket_members(*blocks.inputs(start, end), model_of, high_of, offset, starts, fill, index, low)
     out = {}
@@ -216,10 +222,8 @@ def _cuts_from_members(blocks: Blocks, located: list, sizes: np.ndarray) -> dict
     return out
 
 
-def _cuts_from_histograms(blocks: Blocks, located: list) -> dict:
+def _cuts_from_histograms(blocks: Blocks, located: list, model_of: np.ndarray, high_of: np.ndarray) -> dict:
     low = np.zeros((len(located), _DIGITS), dtype=np.int64)
-    model_of = np.array([i for i, *_ in located], dtype=np.int64)
-    high_of = np.array([digit for *_, digit, _ in located], dtype=np.int64)
     for start, end, _ in blocks.ranges():
         fused.low_histograms(*blocks.inputs(start, end), model_of, high_of, low)
     out = {}
