@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import mergelib
-from mergelib.demo_family import build_demo_family, read_family, skill_accuracy, torch_threads
-from mergelib.eval_report import write_comparison
-from mergelib.evaluate import evaluate_family
+from mergelib.families.demo import build_demo_family, read_family, skill_accuracy, torch_threads
+from mergelib.pipeline.evaluate import evaluate_family
+from mergelib.pipeline.reports import write_comparison
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["demo_add", "demo_rev", "demo_sort", "demo_ppl"]

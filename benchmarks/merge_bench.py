@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from mergelib.api import plan_merge
+from mergelib.merging.api import plan_merge
 
 plan = plan_merge(sys.argv[1], out_shard_size=int(sys.argv[3]))
 out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def main() -> None:
 
     import torch
 
-    from mergelib.testing.tiny import ensure_family
+    from mergelib.families.tiny import ensure_family
 
     rows = []
     for size in args.sizes:

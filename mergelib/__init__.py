@@ -9,16 +9,16 @@ from __future__ import annotations
 from importlib import import_module
 
 _EXPORTS = {
-    "merge": "mergelib.api",
-    "plan_merge": "mergelib.api",
-    "MergeResult": "mergelib.api",
+    "merge": "mergelib.merging.api",
+    "plan_merge": "mergelib.merging.api",
+    "MergeResult": "mergelib.merging.api",
     "MergeRecipe": "mergelib.config.recipe",
     "load_recipe": "mergelib.config.recipe",
     "load_recipes": "mergelib.config.recipe",
-    "merge_multi": "mergelib.multi",
-    "build_moe": "mergelib.moe",
-    "extract_lora": "mergelib.lora",
-    "apply_lora": "mergelib.lora",
+    "merge_multi": "mergelib.merging.multi",
+    "build_moe": "mergelib.moe.build",
+    "extract_lora": "mergelib.lora.extract",
+    "apply_lora": "mergelib.lora.apply",
     "MergelibError": "mergelib.errors",
     "RecipeError": "mergelib.errors",
     "InputModelError": "mergelib.errors",

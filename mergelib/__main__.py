@@ -1,3 +1,5 @@
+"""`python -m mergelib`: the same command as `mergelib`."""
+
 import sys
 
 from mergelib.cli import main

@@ -120,8 +120,8 @@ def cmd_methods() -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from mergelib.api import merge
     from mergelib.config.recipe import load_recipes
+    from mergelib.merging.api import merge
 
     recipes = load_recipes(args.config)
     if len(recipes) > 1:
@@ -153,7 +153,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_multi(args: argparse.Namespace, recipes) -> int:
-    from mergelib.multi import merge_multi
+    from mergelib.merging.multi import merge_multi
 
     result = merge_multi(
         recipes, args.out, intermediate_dir=args.intermediate_dir, seed=args.seed, dry_run=args.dry_run,
@@ -176,7 +176,7 @@ def cmd_multi(args: argparse.Namespace, recipes) -> int:
 
 
 def cmd_moe(args: argparse.Namespace) -> int:
-    from mergelib.moe import build_moe
+    from mergelib.moe.build import build_moe
 
     result = build_moe(args.config, args.out, seed=args.seed, out_shard_size=args.out_shard_size,
                        batch_size=args.batch_size, allow_all_same=args.allow_all_same,
@@ -189,7 +189,7 @@ def cmd_moe(args: argparse.Namespace) -> int:
 
 
 def cmd_extract_lora(args: argparse.Namespace) -> int:
-    from mergelib.lora import extract_lora
+    from mergelib.lora.extract import extract_lora
 
     result = extract_lora(args.model, args.base, args.out, max_rank=args.max_rank, sv_epsilon=args.sv_epsilon,
                           include=args.include_regex, exclude=args.exclude_regex,

@@ -24,6 +24,10 @@ class InputModelError(MergelibError):
     """An input model is missing, unreadable, or incompatible with the others."""
 
 
+class ConfigError(MergelibError):
+    """The pipeline configuration (conf/, params.yaml or an override) is invalid."""
+
+
 class OutputError(MergelibError):
     """The output directory cannot be written."""
 

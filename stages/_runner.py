@@ -28,7 +28,7 @@ def load_config(argv: Sequence[str]):
 
 def input_params(lock_path: str) -> dict:
     """Revisions and a digest of every input's files, from the fetch lock (empty before the first fetch)."""
-    from mergelib.fetch import read_lock
+    from mergelib.pipeline.fetch import read_lock
 
     if not Path(lock_path).is_file():
         return {}
@@ -51,7 +51,7 @@ def main(stage: str, body: Body, argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     try:
         config = load_config(argv)
-        from mergelib.tracking import stage_run
+        from mergelib.pipeline.tracking import stage_run
 
         with stage_run(stage, config.model_dump(mode="json")) as run:
             message = body(config, run)

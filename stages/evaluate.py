@@ -7,9 +7,9 @@ from stages._runner import main
 
 
 def run(config, tracker) -> str:
-    from mergelib.evaluate import resolve_tasks
-    from mergelib.fetch import read_lock
-    from mergelib.pipeline_eval import evaluate_merge, family_labels, flat_metrics, summary_line
+    from mergelib.pipeline.eval_step import evaluate_merge, family_labels, flat_metrics, summary_line
+    from mergelib.pipeline.evaluate import resolve_tasks
+    from mergelib.pipeline.fetch import read_lock
 
     resolve_tasks(list(config.eval.tasks))  # a bad task name fails here, before any model loads
     reports = config.paths.reports

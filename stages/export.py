@@ -7,7 +7,7 @@ from stages._runner import main
 
 
 def run(config, tracker) -> str:
-    from mergelib.pipeline_steps import export_model
+    from mergelib.pipeline.export_step import export_model
 
     ex, reports = config.export, config.paths.reports
     try:

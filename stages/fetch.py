@@ -6,7 +6,7 @@ from stages._runner import main
 
 
 def run(config, tracker) -> str:
-    from mergelib.fetch import fetch_inputs
+    from mergelib.pipeline.fetch import fetch_inputs
 
     locked = fetch_inputs(config.input_refs(), config.paths.models, config.models)
     tracker.log_artifact(config.paths.lock)

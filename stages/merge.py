@@ -7,8 +7,8 @@ from stages._runner import main
 
 def run(config, tracker) -> str:
     from mergelib import merge
-    from mergelib.fetch import pinned_refs, read_lock
-    from mergelib.pipeline_steps import write_json
+    from mergelib.pipeline.fetch import pinned_refs, read_lock
+    from mergelib.pipeline.outputs import write_json
 
     refs = pinned_refs(read_lock(config.paths.lock), config.input_refs(), config.paths.lock)
     result = merge(config.recipe(refs), config.paths.merged, seed=config.seed, quiet=True)

@@ -1,5 +1,5 @@
 """Stage moe (outside `dvc repro`): a Mixtral-style MoE from the family's fine-tunes (conf/experiment/moe_demo.yaml,
-mergelib.moe.build_moe) into outputs/moe, scored like a merge into reports/moe/.
+mergelib.moe.build.build_moe) into outputs/moe, scored like a merge into reports/moe/.
 
     python -m stages.moe [models=demo_quick eval=quick ...]   (experiment=moe_demo is implied)
 """
@@ -17,9 +17,9 @@ def run(config, tracker) -> str:
     from pathlib import Path
 
     from mergelib.errors import MergelibError
-    from mergelib.fetch import fetch_inputs, read_lock
-    from mergelib.moe import build_moe
-    from mergelib.pipeline_eval import evaluate_merge, family_labels, summary_line
+    from mergelib.moe.build import build_moe
+    from mergelib.pipeline.eval_step import evaluate_merge, family_labels, summary_line
+    from mergelib.pipeline.fetch import fetch_inputs, read_lock
 
     if not config.moe:
         raise MergelibError("moe: no `moe:` config; use experiment=moe_demo or give moe.base_model and moe.experts")

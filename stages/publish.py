@@ -7,8 +7,8 @@ from stages._runner import main
 
 
 def run(config, tracker) -> str:
-    from mergelib.pipeline_publish import publish_merge
-    from mergelib.tracking import tracking_uri
+    from mergelib.pipeline.publish_step import publish_merge
+    from mergelib.pipeline.tracking import tracking_uri
 
     pub = config.publish
     if pub.model_name is None:

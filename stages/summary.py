@@ -57,7 +57,7 @@ def rows(config) -> list[tuple[str, str, str]]:
 
 def score_table(config) -> list[tuple[str, ...]]:
     """Header + one row per model (base, fine-tunes, merged): each task's primary metric."""
-    from mergelib.eval_report import primary_metric
+    from mergelib.pipeline.reports import primary_metric
 
     doc = _json(f"{config.paths.reports}/metrics.json")
     models = {**doc.get("parents", {}), "merged": doc.get("merged", {})}
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except MergelibError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    from mergelib.tracking import latest_stage_runs, tracking_uri
+    from mergelib.pipeline.tracking import latest_stage_runs, tracking_uri
 
     runs = latest_stage_runs(STAGES)
     print()

@@ -22,8 +22,8 @@ def run(config, tracker) -> str:
     from pathlib import Path
 
     from mergelib.errors import MergelibError
-    from mergelib.fetch import fetch_inputs
-    from mergelib.pipeline_sweep import run_sweep
+    from mergelib.pipeline.fetch import fetch_inputs
+    from mergelib.pipeline.sweep import run_sweep
 
     if not config.sweep:
         raise MergelibError("sweep: no `sweep:` entries; use experiment=method_sweep or define sweep.<label>")

@@ -8,8 +8,8 @@ from stages._runner import main
 
 
 def run(config, tracker) -> str:
-    from mergelib.fetch import read_lock
-    from mergelib.pipeline_steps import collect_tokenizer
+    from mergelib.pipeline.fetch import read_lock
+    from mergelib.pipeline.tokenizer_step import collect_tokenizer
 
     lock = read_lock(config.paths.lock)
     base = lock[config.models.base].path if config.models.base in lock else None

@@ -24,6 +24,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """A tiny Llama family: base + 2 fine-tunes with sign-conflicting deltas, 2+ shards each."""
-    from mergelib.testing.tiny import make_family
+    from mergelib.families.tiny import make_family
 
     return make_family(tmp_path_factory.mktemp("family"), size="tiny", n_finetunes=2, seed=0)

@@ -120,7 +120,7 @@ def test_unwritable_output(tiny_family, tmp_path):
 
 
 def test_incompatible_shapes_name_models_and_tensor(tmp_path):
-    from mergelib.testing.tiny import make_model
+    from mergelib.families.tiny import make_model
 
     a = make_model(tmp_path / "a", size="tiny", seed=0)
     config = json.loads((a / "config.json").read_text())

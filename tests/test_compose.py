@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergelib.config.compose import ConfigError, compose, compose_yaml, load_params, main
+from mergelib.config.compose import compose, compose_yaml, load_params, main
 from mergelib.config.recipe import load_recipe
 from mergelib.config.run import KNOBS, run_config
+from mergelib.errors import ConfigError
 from mergelib.methods import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_overrides_reach_the_recipe():
 
 
 def test_sweep_entries_each_compose_into_a_valid_run_config():
-    from mergelib.pipeline_sweep import sweep_config
+    from mergelib.pipeline.sweep import sweep_config
 
     sweep = run_config(compose(["experiment=method_sweep"], CONF)).sweep
     assert list(sweep) == ["linear", "task_arithmetic", "ties", "dare_ties", "slerp", "della", "model_stock",
@@ -99,7 +100,7 @@ def test_sweep_entries_each_compose_into_a_valid_run_config():
 
 
 def test_moe_demo_names_the_family_s_models():
-    from mergelib.moe_config import load_moe_config
+    from mergelib.moe.config import load_moe_config
 
     config = run_config(compose(["experiment=moe_demo", "models=tiny"], CONF))
     moe = load_moe_config(config.moe)

@@ -8,12 +8,25 @@ import random
 import pytest
 import torch
 
-from mergelib.demo_data import SKILLS, Streams, heldout, heldout_keys, write_eval_data
-from mergelib.demo_family import (
-    BOS, EOS, IGNORE, PAD, VOCAB, accuracy, batch_tensors, build_demo_family, encode, greedy_answers, lr_at,
-    make_config, read_family, skill_accuracy, torch_threads,
+from mergelib.families.demo import (
+    BOS,
+    EOS,
+    IGNORE,
+    PAD,
+    VOCAB,
+    accuracy,
+    batch_tensors,
+    build_demo_family,
+    encode,
+    greedy_answers,
+    lr_at,
+    make_config,
+    read_family,
+    skill_accuracy,
+    torch_threads,
 )
-from mergelib.evaluate import DATA_DIR
+from mergelib.families.demo_data import SKILLS, Streams, heldout, heldout_keys, write_eval_data
+from mergelib.pipeline.evaluate import DATA_DIR
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import mergelib
-from mergelib import evaluate as ev
-from mergelib.demo_family import BOS, accuracy, build_demo_family, encode, new_model, save_model, torch_threads, train
 from mergelib.errors import MergelibError
-from mergelib.eval_report import markdown_table, write_comparison, write_reports
+from mergelib.families.demo import BOS, accuracy, build_demo_family, encode, new_model, save_model, torch_threads, train
+from mergelib.pipeline import evaluate as ev
+from mergelib.pipeline.reports import markdown_table, write_comparison, write_reports
 
 SEEN = [f"{a}{b}|" for a, b in itertools.product("abcd", "abcd")] + ["a|", "b|", "c|"]  # copy 1-2 letters
 UNSEEN = ["d|", "ae|", "ea|", "ee|", "cab|"]

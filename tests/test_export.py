@@ -450,7 +450,7 @@ def test_sentencepiece_style_vocab_reads_back_in_transformers(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,tie", [("mistral", False), ("qwen2", False), ("qwen3", False), ("llama", True)])
 def test_other_architectures_read_back(tmp_path, arch, tie):
-    from mergelib.testing.tiny import make_model
+    from mergelib.families.tiny import make_model
 
     model = make_model(tmp_path / arch, arch=arch, tie_embeddings=tie)
     result = export_all(model, tmp_path / "out", gguf=("f16", "bf16", "q8_0", "q4_0"), int8=True)

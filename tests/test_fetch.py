@@ -13,8 +13,8 @@ import pytest
 from mergelib.config.compose import compose
 from mergelib.config.run import run_config
 from mergelib.errors import InputModelError
-from mergelib.fetch import LOCK_NAME, fetch_inputs, pinned_refs, read_lock
 from mergelib.io.hashing import hash_model_dir
+from mergelib.pipeline.fetch import LOCK_NAME, fetch_inputs, pinned_refs, read_lock
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -109,7 +109,7 @@ def test_tiny_family_is_built_deterministically(tmp_path, monkeypatch, tiny_fami
 
 
 def test_quick_demo_family_is_built_with_the_fine_tunes_named(tmp_path, monkeypatch):
-    from mergelib.demo_family import build_demo_family
+    from mergelib.families.demo import build_demo_family
 
     monkeypatch.chdir(tmp_path)
     config = run_config(compose(["models=demo_quick"], REPO / "conf"))

@@ -10,12 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergelib.api import merge
 from mergelib.cli import main
 from mergelib.errors import InputModelError, RecipeError
 from mergelib.io.index import index_model
 from mergelib.io.reader import read_tensor
-from mergelib.lora import apply_lora, extract_lora, low_rank
+from mergelib.lora.apply import apply_lora
+from mergelib.lora.extract import extract_lora, low_rank
+from mergelib.merging.api import merge
 
 transformers = pytest.importorskip("transformers")
 

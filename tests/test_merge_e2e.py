@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import mergelib
+from mergelib.merging.rng import generator_for
 from mergelib.methods import MethodInputs, get_method
-from mergelib.rng import generator_for
 
 N_LAYERS = None  # read from the family's config
 
@@ -220,7 +220,7 @@ def test_failed_merge_keeps_previous_output(tiny_family, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("mergelib.engine.compute", boom)
+    monkeypatch.setattr("mergelib.merging.engine.compute", boom)
     with pytest.raises(OSError):
         mergelib.merge(CASES["ties"][0](tiny_family), out, quiet=True)
     assert files_digest(out) == before
@@ -245,7 +245,7 @@ def test_dry_run_reads_no_weights_and_writes_nothing(tiny_family, tmp_path, monk
     def no_reads(*args, **kwargs):
         raise AssertionError("a weight was read")
 
-    monkeypatch.setattr("mergelib.engine.read_tensor", no_reads)
+    monkeypatch.setattr("mergelib.merging.engine.read_tensor", no_reads)
     result = mergelib.merge(CASES["ties"][0](tiny_family), tmp_path / "x", dry_run=True)
     assert result.n_tensors == len(result.plan.jobs) and result.bytes_read > result.bytes_written > 0
     assert not (tmp_path / "x").exists()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import mergelib
-from mergelib.testing.vocab import make_vocab_trio
+from mergelib.families.vocab import make_vocab_trio
 from mergelib.tokenizer import align_rows
 
 

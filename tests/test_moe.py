@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import yaml
@@ -12,10 +13,10 @@ from mergelib.cli import main
 from mergelib.errors import InputModelError, RecipeError
 from mergelib.io.index import index_model
 from mergelib.io.reader import read_tensor
-from mergelib.moe import build_moe
-from mergelib.moe_config import load_moe_config
-from mergelib.moe_router import degenerate_layers, unit
-from mergelib.rng import generator_for
+from mergelib.merging.rng import generator_for
+from mergelib.moe.build import build_moe
+from mergelib.moe.config import load_moe_config
+from mergelib.moe.router import degenerate_layers, unit
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +58,7 @@ def hidden_moe(tiny_family, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen2_family(tmp_path_factory):
-    from mergelib.testing.tiny import make_family
+    from mergelib.families.tiny import make_family
 
     return make_family(tmp_path_factory.mktemp("qwen2"), n_finetunes=2, arch="qwen2")
 

@@ -14,7 +14,7 @@ from mergelib.config.recipe import load_recipe, load_recipes
 from mergelib.errors import RecipeError
 from mergelib.io.index import index_model
 from mergelib.io.reader import read_tensor
-from mergelib.multi import STAGE_FILE, merge_multi, stage_graph
+from mergelib.merging.multi import STAGE_FILE, merge_multi, stage_graph
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

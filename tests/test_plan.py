@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import mergelib
 from mergelib import InputModelError, RecipeError, plan_merge
-from mergelib.testing.tiny import make_family, make_model
+from mergelib.families.tiny import make_family, make_model
 
 
 def test_gradient_and_filter_values_per_tensor(tiny_family):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import yaml
+from fakehub import FakeHub  # tests/ is on sys.path (rootdir-relative test modules)
 
 import mergelib
 from mergelib.io.hashing import sha256_file
@@ -25,7 +26,6 @@ from mergelib.publish import (
     tag_for,
 )
 from mergelib.publish.card import resolve_license
-from fakehub import FakeHub  # tests/ is on sys.path (rootdir-relative test modules)
 
 TOKEN = "hf_fake_token"
 

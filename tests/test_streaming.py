@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mergelib
-import mergelib.plan
+import mergelib.merging.plan
 from mergelib.methods import REGISTRY, MethodInputs
 from mergelib.methods.base import StreamInputs
 
@@ -67,8 +67,8 @@ def test_engine_blocks_give_identical_bytes(method, tiny_family, tmp_path, monke
         recipe["models"] = [{"model": models[0]["model"]}]
         recipe["parameters"] = {"t": 0.01} if method == "nearswap" else {}
     mergelib.merge(recipe, tmp_path / "whole", quiet=True)
-    monkeypatch.setattr(mergelib.plan, "STREAM_NUMEL", 1)
-    monkeypatch.setattr(mergelib.plan, "BLOCK_NUMEL", 200)
+    monkeypatch.setattr(mergelib.merging.plan, "STREAM_NUMEL", 1)
+    monkeypatch.setattr(mergelib.merging.plan, "BLOCK_NUMEL", 200)
     result = mergelib.merge(recipe, tmp_path / "blocks", quiet=True)
     modes = {j.mode for j in result.plan.jobs}
     assert modes == ({"stream"} if REGISTRY[method].stream else {"rows"} if REGISTRY[method].rowwise else {"whole"})

@@ -19,9 +19,9 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mergelib.arch import spec_for  # noqa: E402
-from mergelib.rng import generator_for  # noqa: E402
-from mergelib.testing import tiny  # noqa: E402
-from mergelib.testing.tiny import ensure_family, make_family, make_model, param_count  # noqa: E402
+from mergelib.families import tiny  # noqa: E402
+from mergelib.families.tiny import ensure_family, make_family, make_model, param_count  # noqa: E402
+from mergelib.merging.rng import generator_for  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

@@ -2,7 +2,7 @@
 
 Rows are checked against a reference written from the rules in mergekit-semantics.md ("Embedding fill") that
 reads vocabularies with the tokenizers library and rows straight from the safetensors files, plus golden
-literals derived by hand from the fixture (mergelib.testing.vocab.make_vocab_trio).
+literals derived by hand from the fixture (mergelib.families.vocab.make_vocab_trio).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from mergelib.config.recipe import TokenizerConfig
 from mergelib.errors import InputModelError, RecipeError
-from mergelib.testing.vocab import TRIO_TEMPLATE, make_vocab_trio
+from mergelib.families.vocab import TRIO_TEMPLATE, make_vocab_trio
 from mergelib.tokenizer import BUILTIN_TEMPLATES, RowSource, align_rows, plan_tokenizer
 from mergelib.tokenizer.rows import plan_rows
 

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from mergelib import tracking
-
+from mergelib.pipeline import tracking
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # mlflow
 

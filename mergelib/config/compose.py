@@ -16,14 +16,10 @@ from typing import Any
 
 import yaml
 
-from mergelib.errors import MergelibError, did_you_mean
+from mergelib.errors import ConfigError, did_you_mean
 
 CONFIG_NAME = "config"
 PARAMS_FILE = "params.yaml"
-
-
-class ConfigError(MergelibError):
-    """The pipeline configuration (conf/, params.yaml or an override) is invalid."""
 
 
 def _flat_keys(node: Any, prefix: str = "") -> list[str]:
@@ -143,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a for a in args if a != "--check"]
     try:
         text = compose_yaml(overrides)
-        from mergelib.config.run import run_config  # late: run.py imports this module
+        from mergelib.config.run import run_config  # late: pydantic is not needed to compose
 
         run_config(yaml.safe_load(text), source="config")  # never write a params.yaml the stages reject
     except ConfigError as exc:

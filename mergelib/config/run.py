@@ -11,9 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergelib.config.compose import ConfigError
 from mergelib.config.recipe import DType, load_recipe
-from mergelib.errors import RecipeError
+from mergelib.errors import ConfigError, RecipeError
 
 KNOBS = ("density", "weight", "t")  # top-level knobs fed into merge.parameters; dropped where a method lacks them
 MISSING = "???"
@@ -34,8 +33,8 @@ BUILT_FAMILIES = ("demo", "tiny", "smollm2")  # families the fetch stage builds 
 
 
 class ModelsConfig(_Frozen):
-    """Which family to merge: the trained demo family (`demo`, mergelib.demo_family), the seeded tiny family
-    (`tiny`, mergelib.testing.tiny), Hub ids (`org/name@sha`) or local directories. Both built families are made
+    """Which family to merge: the trained demo family (`demo`, mergelib.families.demo), the seeded tiny family
+    (`tiny`, mergelib.families.tiny), Hub ids (`org/name@sha`) or local directories. Both built families are made
     offline by the fetch stage."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -72,7 +71,7 @@ class PathsConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    """lm-eval tasks (mergelib.evaluate) run on the merged model and, cached once per family, on its parents."""
+    """lm-eval tasks (mergelib.pipeline.evaluate) run on the merged model and, cached once per family, on its parents."""
 
     suite: str
     tasks: tuple[str, ...] = Field(min_length=1)  # shipped demo_* tasks or any lm-eval task name
@@ -136,7 +135,7 @@ class RunConfig(_Frozen):
     publish: PublishConfig
     merge: dict[str, Any]
     sweep: dict[str, tuple[str, ...]] | None = None  # experiment=method_sweep: label -> Hydra overrides
-    moe: dict[str, Any] | None = None  # experiment=moe_demo: a mergekit-moe config (mergelib.moe_config)
+    moe: dict[str, Any] | None = None  # experiment=moe_demo: a mergekit-moe config (mergelib.moe.config)
 
     @field_validator("method")
     @classmethod
@@ -167,7 +166,7 @@ class RunConfig(_Frozen):
         if kind == "tiny":
             built = (f"{root}/base", *(f"{root}/ft{k}" for k in range(1, n + 1)))
         else:
-            from mergelib.demo_data import SKILLS
+            from mergelib.families.demo_data import SKILLS
 
             skills = self.models.skills()
             for key, ref, skill in zip(keys[1:], self.models.refs()[1:], skills):

@@ -1,13 +1,12 @@
 """What a merge method is: pure tensor math over aligned inputs, plus its validated parameter models.
 
 A method never does IO, dtype policy or RNG seeding: the engine hands it float32 tensors of one shape
-and, for randomized methods, a generator seeded by (seed, tensor name) (see `mergelib.rng`).
+and, for randomized methods, a generator seeded by (seed, tensor name) (see `mergelib.merging.rng`).
 """
 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal

@@ -1,5 +1,5 @@
 """RAM (Reinforced Agent Merging, arXiv:2601.13572): keep each task vector's unique elements whole and average
-the elements several models change; `ramplus_tl` also scales a model's unique elements by
+the elements several models change. `ramplus_tl` also scales a model's unique elements by
 λ_i = 1 + r·clip(#shared_i / max(#unique_i, ε), 0, α), counted per tensor (mergekit's tensor-local variant).
 """
 

@@ -4,8 +4,8 @@ chat template. Entry points: `plan_tokenizer` (before any weight is read), `alig
 
 from mergelib.tokenizer.assembly import NewToken
 from mergelib.tokenizer.chat_template import BUILTIN_TEMPLATES, read_chat_template, resolve_chat_template
-from mergelib.tokenizer.plan import TokenizerPlan, plan_tokenizer
-from mergelib.tokenizer.rows import RowSource, align_rows
+from mergelib.tokenizer.plan import TokenizerPlan, align_rows, plan_tokenizer
+from mergelib.tokenizer.rows import RowSource
 from mergelib.tokenizer.vocab import Vocabulary, read_vocabulary
 
 __all__ = [

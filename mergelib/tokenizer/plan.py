@@ -13,11 +13,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mergelib.config.recipe import ModelRef, ModelTokenSource, TokenizerConfig, ZeroSource
 from mergelib.errors import RecipeError
 from mergelib.tokenizer.assembly import Assembly, NewToken
 from mergelib.tokenizer.chat_template import Template, missing_markers, resolve_chat_template
-from mergelib.tokenizer.rows import ZERO, RowSource, plan_rows
+from mergelib.tokenizer.rows import ZERO, RowSource, gather_rows, plan_rows
 from mergelib.tokenizer.vocab import Vocabulary, read_vocabulary
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
@@ -49,6 +51,12 @@ class TokenizerPlan:
             (out_dir / name).unlink(missing_ok=True)
         for name, text in self.files.items():
             (out_dir / name).write_text(text, encoding="utf-8")
+
+
+def align_rows(plan: TokenizerPlan, label: str, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The [plan.vocab_size, hidden] matrix for input `label` (embed_tokens or lm_head), its rows mapped onto the
+    output vocabulary by the plan's RowSources (`rows.gather_rows`)."""
+    return gather_rows(plan.row_sources[label], label, matrices)
 
 
 def plan_tokenizer(

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from mergelib.errors import InputModelError
-
-if TYPE_CHECKING:
-    from mergelib.tokenizer.plan import TokenizerPlan
 
 
 @dataclass(frozen=True)
@@ -97,10 +94,9 @@ def _tokenless_row(r: int, m: str, owner: str, rows: dict[str, int], real_rows: 
     return RowSource("model", owner, r)
 
 
-def align_rows(plan: TokenizerPlan, label: str, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The [plan.vocab_size, hidden] matrix for input `label` (embed_tokens or lm_head), built by its RowSources
+def gather_rows(sources: Sequence[RowSource], label: str, matrices: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The [len(sources), hidden] matrix for input `label` (embed_tokens or lm_head), one row per RowSource, built
     from the inputs' matrices of the same weight; the result has `matrices[label]`'s dtype."""
-    sources = plan.row_sources[label]
     own = matrices[label]
     if own.dim() != 2:
         raise InputModelError(f"model '{label}': an embedding matrix is 2-D, got shape {list(own.shape)}")
@@ -136,7 +132,7 @@ def align_rows(plan: TokenizerPlan, label: str, matrices: dict[str, torch.Tensor
 
 def _matrix(matrices: dict[str, torch.Tensor], model: str, hidden: int, need: int, label: str) -> torch.Tensor:
     if model not in matrices:
-        raise ValueError(f"align_rows('{label}') needs the matrix of model '{model}' too; pass every input's")
+        raise ValueError(f"gather_rows('{label}') needs the matrix of model '{model}' too; pass every input's")
     matrix = matrices[model]
     if matrix.dim() != 2 or matrix.shape[1] != hidden:
         raise InputModelError(

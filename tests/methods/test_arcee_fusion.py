@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from mergelib.methods.arcee_fusion import SPECS, importance, merge, quartile
-from mergelib.methods.select import kth_smallest as order_statistic
 from mergelib.methods.base import MethodInputs, NoParams
+from mergelib.methods.select import kth_smallest as order_statistic
 
 SHAPES = [(1,), (5,), (2, 3), (4, 5), (3, 1), (2, 2, 3)]
 

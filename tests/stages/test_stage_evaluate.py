@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mergelib.fetch import LockedModel
-from mergelib.pipeline_eval import family_labels, flat_metrics, summary_line, write_skill_rows
+from mergelib.pipeline.eval_step import family_labels, flat_metrics, summary_line, write_skill_rows
+from mergelib.pipeline.fetch import LockedModel
 
 DOC = {
     "merged": {"demo_add": {"exact_match": 0.7, "samples": 200}, "demo_ppl": {"bits_per_byte": 1.5}},

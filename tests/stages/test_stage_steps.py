@@ -15,8 +15,9 @@ from mergelib.config.compose import compose
 from mergelib.config.run import run_config
 from mergelib.errors import InputModelError
 from mergelib.export import ExportCheckError
-from mergelib.pipeline_publish import publish_merge
-from mergelib.pipeline_steps import collect_tokenizer, export_model
+from mergelib.pipeline.export_step import export_model
+from mergelib.pipeline.publish_step import publish_merge
+from mergelib.pipeline.tokenizer_step import collect_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # mlflow
 

@@ -1,0 +1,56 @@
+"""The model card (README.md) written next to every merge: recipe, inputs and their sha256, seed, versions."""
+
+from __future__ import annotations
+
+import yaml
+
+from mergelib.merging.plan import MergePlan
+
+
+def model_card(plan: MergePlan, *, seed: int, input_hashes: dict[str, dict[str, str]], versions: dict[str, str]) -> str:
+    """Markdown with YAML front matter (base_model, tags) that the Hub renders."""
+    method = plan.method
+    labels = [m.label for m in plan.models]
+    front = {
+        "base_model": labels,
+        "library_name": "transformers",
+        "tags": ["merge", "mergelib", method.name],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {plan.recipe.name or 'Merged model'}",
+        "",
+        f"This model was merged with mergelib using **{method.name}**: {method.summary}"
+        + (f" ([paper]({method.paper}))" if method.paper else "") + ".",
+        "",
+        "## Inputs",
+        "",
+        "| model | revision | file | sha256 |",
+        "|---|---|---|---|",
+    ]
+    for model in plan.models:
+        for fname, digest in sorted(input_hashes.get(model.label, {}).items()):
+            lines.append(f"| {model.label} | {model.ref.revision or '-'} | {fname} | `{digest}` |")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        plan.recipe.to_yaml().rstrip(),
+        "```",
+        "",
+        "## Reproduce",
+        "",
+        f"Seed: `{seed}`. Library versions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        + ".",
+        "",
+        "```sh",
+        f"mergelib merge mergekit_config.yml OUT --seed {seed}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

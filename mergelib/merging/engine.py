@@ -1,0 +1,268 @@
+"""Streams a MergePlan: tensors merged in parallel under a memory budget, written at planned offsets.
+
+Each tensor is computed with torch's intra-op threads set to 1 and parallelism across tensors instead, so every
+result is computed the same way whatever `threads` is: the output bytes never depend on the thread count or on
+the order in which tensors finish.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from mergelib.errors import InputModelError, MergelibError
+from mergelib.io.convert import to_float32
+from mergelib.io.journal import Journal
+from mergelib.io.reader import read_rows, read_tensor
+from mergelib.io.writer import ShardFile
+from mergelib.merging.faults import failpoint
+from mergelib.merging.plan import MergePlan, SourceTensor, TensorJob
+from mergelib.merging.plan import memory_budget as planned_budget
+from mergelib.merging.rng import generator_for
+from mergelib.methods import MethodInputs
+from mergelib.methods.base import StreamInputs
+from mergelib.tokenizer import align_rows
+
+
+class MemoryBudget:
+    """A counting semaphore over bytes; a job larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int) -> int:
+        amount = min(amount, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + amount <= self.limit)
+            self.used += amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
+
+
+def default_memory_budget(plan: MergePlan, threads: int = 2) -> int:
+    """`mergelib.merging.plan.memory_budget` over the plan's jobs, capped at half of the memory available now."""
+    works = [job.work_bytes for job in plan.jobs]
+    return int(min(psutil.virtual_memory().available * 0.5, planned_budget(works, threads)))
+
+
+def _reuse_freed_memory() -> None:
+    """Keep freed blocks of up to 32 MiB (glibc's largest mmap threshold) in the heap for the next block instead
+    of unmapping them: a fresh mapping costs a page fault per 4 KiB on first touch, more than the merge math
+    itself. Larger buffers still get their own mapping and go back to the system when freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (fixing it also stops glibc's adaptive threshold)
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD: free heap top kept before it is handed back
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
+    if source.crop is not None:  # a larger vocabulary than the output's: keep the leading block
+        first = slice(None) if rows else slice(0, source.crop[0])  # row blocks are already inside the crop
+        tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
+    if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
+        tensor = tensor.to(plan.working_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
+    tensor, finite = to_float32(tensor)
+    if not plan.allow_nan and not finite:
+        raise InputModelError(
+            f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
+            "(the first found; others may follow); fix the checkpoint or pass --allow-nan to merge anyway"
+        )
+    return tensor
+
+
+def load_source(plan: MergePlan, source: SourceTensor) -> torch.Tensor:
+    """One input tensor as float32, cropped and rounded through the recipe's working dtype."""
+    return _prepare(plan, read_tensor(source.name, source.info), source, rows=False)
+
+
+def load_rows(plan: MergePlan, source: SourceTensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of one input tensor, prepared as `load_source` would."""
+    return _prepare(plan, read_rows(source.name, source.info, start, end), source, rows=True)
+
+
+def _aligned_inputs(plan: MergePlan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Embedding matrices with their rows mapped onto the output vocabulary (fill rules need every input)."""
+    label = {s.model: plan.models[s.model].label for s in job.inputs}
+    raw = {label[s.model]: read_tensor(s.name, s.info) for s in job.inputs}
+
+    def aligned(source: SourceTensor) -> torch.Tensor:
+        return _prepare(plan, align_rows(plan.tokenizer, label[source.model], raw), source, rows=False)
+
+    return [aligned(s) for s in job.sources], aligned(job.base) if job.base is not None else None
+
+
+def _merge_whole(plan: MergePlan, job: TensorJob, seed: int, sources, base) -> torch.Tensor:
+    inputs = MethodInputs(
+        tensors=tuple(sources),
+        base=base,
+        model_params=job.model_params,
+        name=job.name,
+        generator=generator_for(seed, job.name) if plan.method.randomized else None,
+    )
+    try:
+        result = plan.method.merge(inputs, job.params)
+    except ValueError as exc:
+        raise InputModelError(f"{plan.method.name} failed at tensor '{job.name}': {exc}") from None
+    return result
+
+
+def compute(plan: MergePlan, job: TensorJob, seed: int, emit) -> None:
+    """Merge one output tensor and hand it to `emit(start_row, rows)` in its output dtype (whole or in blocks)."""
+
+    def out(start: int, rows: torch.Tensor) -> None:
+        expected = (rows.shape[0], *job.shape[1:]) if job.mode != "whole" else job.shape
+        if tuple(rows.shape) != tuple(expected):
+            raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
+        emit(start, rows.to(job.dtype))
+
+    if job.align:
+        sources, base = _aligned_inputs(plan, job)
+        out(0, _merge_whole(plan, job, seed, sources, base))
+    elif job.mode == "whole":
+        sources = [load_source(plan, s) for s in job.sources]
+        base = load_source(plan, job.base) if job.base is not None else None
+        out(0, _merge_whole(plan, job, seed, sources, base))
+    elif job.mode == "rows":
+        for start in range(0, job.shape[0], job.block_rows):
+            end = min(job.shape[0], start + job.block_rows)
+            sources = [load_rows(plan, s, start, end) for s in job.sources]
+            base = load_rows(plan, job.base, start, end) if job.base is not None else None
+            out(start, _merge_whole(plan, job, seed, sources, base))
+    else:
+        kept: dict[tuple[int, int, int], torch.Tensor] = {}
+
+        def read(i: int, start: int, end: int) -> torch.Tensor:
+            rows = kept.get((i, start, end))
+            if rows is None:
+                rows = load_rows(plan, job.base if i < 0 else job.sources[i], start, end)
+                if job.cached:  # read once, then every pass of the method reuses it
+                    kept[(i, start, end)] = rows
+            return rows
+
+        stream_inputs = StreamInputs(
+            shape=job.shape,
+            n_models=len(job.sources),
+            read=read,
+            emit=out,
+            model_params=job.model_params,
+            name=job.name,
+            generator=generator_for(seed, job.name) if plan.method.randomized else None,
+            chunk_rows=job.block_rows,
+        )
+        try:
+            plan.method.stream(stream_inputs, job.params)
+        except ValueError as exc:
+            raise InputModelError(f"{plan.method.name} failed at tensor '{job.name}': {exc}") from None
+
+
+def execute(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    threads: int = 2,
+    memory_budget: int | None = None,
+    quiet: bool = False,
+    metadata: dict[str, str] | None = None,
+    journal: Journal | None = None,
+) -> int:
+    """Compute every planned tensor and write the shards into `out_dir` (which must exist).
+
+    Shards the journal lists as complete and verified are kept as they are; each shard finished here is synced,
+    hashed and recorded. Returns the number of shards reused.
+    """
+    out_dir = Path(out_dir)
+    reused = journal.verified() if journal is not None else set()
+    shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
+    jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
+    remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
+    files: dict[str, ShardFile] = {}
+    budget = MemoryBudget(memory_budget or default_memory_budget(plan, threads))
+    skipped = sum(j.out_bytes for j in plan.jobs) - sum(j.out_bytes for j in jobs)
+    bar = tqdm(total=plan.bytes_written, initial=skipped, unit="B", unit_scale=True, desc="merging",
+               disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
+    done = 0
+    lock = threading.Lock()
+
+    def shard_file(fname: str) -> ShardFile:
+        with lock:
+            if fname not in files:
+                files[fname] = ShardFile(out_dir / fname, plan.shards[fname], metadata)
+            return files[fname]
+
+    def finish(fname: str) -> None:
+        handle = files[fname]
+        handle.close()
+        if journal is not None:
+            completed = journal.record(fname, handle.digest())
+            failpoint("after-shard", completed)
+
+    def run(job: TensorJob, held: int) -> None:
+        nonlocal done
+        fname = shard_of[job.name]
+        shard = shard_file(fname)
+
+        def emit(start: int, rows: torch.Tensor) -> None:
+            if job.mode == "whole":
+                shard.write(job.name, rows)
+            else:
+                shard.write_rows(job.name, start, rows)
+
+        try:
+            compute(plan, job, seed, emit)
+        finally:
+            budget.release(held)
+        with lock:
+            done += 1
+            count = done
+            remaining[fname] -= 1
+            last = remaining[fname] == 0
+            bar.update(job.out_bytes)
+            bar.set_postfix_str(f"{done + len(plan.jobs) - len(jobs)}/{len(plan.jobs)} tensors", refresh=False)
+        failpoint("mid-shard", count)
+        if last:
+            finish(fname)
+
+    _reuse_freed_memory()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")
+    futures: list[Future] = []
+    try:
+        for job in jobs:
+            held = budget.acquire(job.work_bytes)
+            futures.append(pool.submit(run, job, held))
+            if any(f.done() and f.exception() is not None for f in futures[-threads * 2 :]):
+                break
+        wait(futures, return_when=FIRST_EXCEPTION)  # returns when all are done unless one failed
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(previous_threads)
+        for handle in files.values():
+            handle.close()
+        bar.close()
+    return len(reused)
+
+
+__all__ = ["MemoryBudget", "MergelibError", "compute", "execute", "default_memory_budget", "load_source"]

@@ -1,0 +1,47 @@
+"""Planning, last step: the output's config.json, from the reference model's with the merge's layer count, the
+per-layer lists of the layers it took, untied heads and the output dtype."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergelib.arch import ArchSpec
+from mergelib.errors import InputModelError
+from mergelib.merging.plan import InputModel, TensorJob
+
+
+def _layer_lists(config: dict, n_layers: int) -> list[str]:
+    return [k for k, v in config.items() if isinstance(v, list) and len(v) == n_layers and n_layers > 1]
+
+
+def output_config(
+    ref: InputModel,
+    spec: ArchSpec,
+    n_layers: int,
+    origin: list[tuple[int, int]],
+    models: list[InputModel],
+    untied_head: bool,
+    jobs: list[TensorJob],
+) -> dict[str, Any]:
+    """config.json of the output: `origin` is the (model, source layer) of each output layer."""
+    config = dict(ref.config)
+    if n_layers != ref.num_layers:
+        if not spec.num_layers_key:
+            raise InputModelError(
+                f"'{ref.label}': cannot set the layer count in config.json for an architecture without a spec "
+                f"({config.get('architectures')}); add one under mergelib/arch/specs/"
+            )
+        node = config
+        *parents, leaf = spec.num_layers_key.split(".")
+        for part in parents:
+            node[part] = dict(node[part])
+            node = node[part]
+        node[leaf] = n_layers
+        for key in _layer_lists(ref.config, ref.num_layers):
+            config[key] = [models[m].config[key][layer] for m, layer in origin]
+    if untied_head and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = False
+    if jobs:
+        dtype_name = str(jobs[-1].dtype).removeprefix("torch.")
+        config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
+    return config
