@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -177,3 +178,78 @@ def test_remote_code_needs_trust_and_crimes_need_allowing(tiny_family, tmp_path)
     with pytest.raises(MergelibError, match="--allow-crimes"):
         mergelib.plan_merge(linear_of(tiny_family.base, other))
     assert mergelib.plan_merge(linear_of(tiny_family.base, other), allow_crimes=True).jobs
+
+
+def run_with_deadline(fn, seconds=30):
+    """fn() in a daemon thread; its exception (or None), failing the test if it has not ended by the deadline."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            fn()
+            outcome["error"] = None
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"the merge still runs after {seconds}s: it hangs"
+    return outcome["error"]
+
+
+@pytest.mark.parametrize("where", ["shard-open", "mid-write"])
+@pytest.mark.parametrize("memory_budget", [1, None])  # 1: every job waits for the one before it to release
+def test_disk_full_in_a_worker_ends_the_merge_within_seconds(tiny_family, tmp_path, monkeypatch, where, memory_budget):
+    out = tmp_path / "out"
+    real_open, real_pwrite = os.open, os.pwrite
+    counts = {"open": 0, "pwrite": 0}
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".safetensors") and flags & os.O_CREAT:
+            counts["open"] += 1
+            if counts["open"] >= 2:
+                time.sleep(0.2)  # fail after the driver has moved on to wait for memory (the hang's race)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args, **kwargs)
+
+    def failing_pwrite(fd, data, offset):
+        counts["pwrite"] += 1
+        if counts["pwrite"] > 8:
+            time.sleep(0.2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    if where == "shard-open":
+        monkeypatch.setattr(os, "open", failing_open)
+    else:
+        monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    error = run_with_deadline(lambda: mergelib.merge(
+        ties(tiny_family), out, quiet=True, threads=4, out_shard_size=SHARD, memory_budget=memory_budget))
+    assert isinstance(error, MergelibError) and "disk full" in str(error) and "\n" not in str(error)
+    assert error.exit_code == 2
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # staging removed, nothing half-written
+
+
+def test_disk_full_from_the_command_is_one_line_exit_2(tiny_family, tmp_path, monkeypatch, capsys):
+    from mergelib.cli import main
+
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(ties(tiny_family)))
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".safetensors") and flags & os.O_CREAT:
+            time.sleep(0.2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    codes = []
+    assert run_with_deadline(lambda: codes.append(main(
+        ["merge", str(recipe), str(tmp_path / "out"), "--threads", "4", "--out-shard-size", str(SHARD),
+         "--quiet"]))) is None
+    err = capsys.readouterr().err
+    assert codes == [2] and err.count("\n") == 1 and "disk full" in err

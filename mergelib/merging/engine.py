@@ -31,19 +31,29 @@ from mergelib.tokenizer import align_rows
 
 
 class MemoryBudget:
-    """A counting semaphore over bytes; a job larger than the whole budget runs alone."""
+    """A counting semaphore over bytes; a job larger than the whole budget runs alone. `cancel` wakes every waiter:
+    once a job has failed, nothing waits for memory that may never be released."""
 
     def __init__(self, limit: int):
         self.limit = max(1, int(limit))
         self.used = 0
+        self.cancelled = False
         self._cond = threading.Condition()
 
-    def acquire(self, amount: int) -> int:
+    def acquire(self, amount: int) -> int | None:
+        """Take `amount` bytes (capped at the limit) when they fit; None once the budget is cancelled."""
         amount = min(amount, self.limit)
         with self._cond:
-            self._cond.wait_for(lambda: self.used + amount <= self.limit)
+            self._cond.wait_for(lambda: self.cancelled or self.used + amount <= self.limit)
+            if self.cancelled:
+                return None
             self.used += amount
         return amount
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
 
     def release(self, amount: int) -> None:
         with self._cond:
@@ -214,15 +224,15 @@ def execute(
     def run(job: TensorJob, held: int) -> None:
         nonlocal done
         fname = shard_of[job.name]
-        shard = shard_file(fname)
+        try:  # whatever fails (opening the shard on a full disk included), the job's memory goes back
+            shard = shard_file(fname)
 
-        def emit(start: int, rows: torch.Tensor) -> None:
-            if job.mode == "whole":
-                shard.write(job.name, rows)
-            else:
-                shard.write_rows(job.name, start, rows)
+            def emit(start: int, rows: torch.Tensor) -> None:
+                if job.mode == "whole":
+                    shard.write(job.name, rows)
+                else:
+                    shard.write_rows(job.name, start, rows)
 
-        try:
             compute(plan, job, seed, emit)
         finally:
             budget.release(held)
@@ -245,9 +255,11 @@ def execute(
     try:
         for job in jobs:
             held = budget.acquire(job.work_bytes)
-            futures.append(pool.submit(run, job, held))
-            if any(f.done() and f.exception() is not None for f in futures[-threads * 2 :]):
+            if held is None:  # a job failed: submit nothing more
                 break
+            future = pool.submit(run, job, held)
+            future.add_done_callback(lambda f: budget.cancel() if not f.cancelled() and f.exception() else None)
+            futures.append(future)
         wait(futures, return_when=FIRST_EXCEPTION)  # returns when all are done unless one failed
         for future in futures:
             if future.done() and future.exception() is not None:
