@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from mergelib.errors import MergelibError
 
@@ -123,7 +124,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergelib.config.recipe import load_recipes
     from mergelib.merging.api import merge
 
-    recipes = load_recipes(args.config)
+    recipes = load_recipes(Path(args.config))  # the argument is always a file, whatever its name
     if len(recipes) > 1:
         return cmd_multi(args, recipes)
     result = merge(

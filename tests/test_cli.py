@@ -140,3 +140,26 @@ def test_incompatible_shapes_name_models_and_tensor(tmp_path):
     proc = run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out"))
     assert_one_line_error(proc, "model.layers.0.mlp.up_proj.weight", "different shapes", str(a), str(other))
     assert config["num_hidden_layers"] >= 2
+
+
+@pytest.mark.parametrize("name", ["good.txt", "good.YML", "recipe"])
+def test_a_recipe_file_is_read_whatever_its_name(tiny_family, tmp_path, name):
+    path = write_recipe(tmp_path, ties_recipe(tiny_family), name=name)
+    proc = run("merge", str(path), str(tmp_path / "out"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("plan: ties, 3 models")
+
+
+def test_a_directory_or_missing_recipe_is_named(tmp_path):
+    assert_one_line_error(run("merge", str(tmp_path), str(tmp_path / "out")), str(tmp_path), "is a directory")
+    missing = tmp_path / "recipe"
+    assert_one_line_error(run("merge", str(missing), str(tmp_path / "out")), str(missing), "cannot read the recipe")
+
+
+@pytest.mark.parametrize("blob", [b"merge_method: linear\n# caf\xe9 au lait\n", bytes(range(256))])
+def test_a_recipe_that_is_not_utf8_names_the_file_and_offset(tmp_path, blob):
+    path = tmp_path / "recipe.yml"
+    path.write_bytes(blob)
+    offset = blob.index(next(b for b in blob if b >= 0x80).to_bytes(1, "big"))
+    assert_one_line_error(run("merge", str(path), str(tmp_path / "out")), str(path), "not UTF-8",
+                          f"at offset {offset}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mergelib.config.textfile import read_text, yaml_documents
 from mergelib.errors import ConfigError, did_you_mean
 
 CONFIG_NAME = "config"
@@ -118,15 +119,14 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = "conf") -> dic
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
     """The composed config DVC tracks (params.yaml)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
+    if not path.exists():
         raise ConfigError(
-            f"{path}: cannot read it ({exc.strerror}); run from the repository root, "
+            f"{path}: cannot read it (No such file or directory); run from the repository root, "
             "or regenerate it with `python -m mergelib.config.compose`"
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]}); regenerate it from conf/") from None
+        )
+    docs = yaml_documents(read_text(path, "params.yaml", ConfigError), f"{path} (regenerate it from conf/)",
+                          ConfigError)
+    data = docs[0] if len(docs) == 1 else None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping; regenerate it with `python -m mergelib.config.compose`")
     return data

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from mergelib.config.textfile import looks_like_path, read_text, yaml_documents
 from mergelib.errors import RecipeError, did_you_mean
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -268,24 +269,15 @@ def recipe_error(exc: ValidationError, source: str = "recipe") -> RecipeError:
 
 
 def _documents(source: str | Path | dict) -> tuple[str, list]:
-    """(label for messages, the YAML documents) of a file path, a YAML string or a dict."""
+    """(label for messages, the YAML documents) of a file path, a YAML string or a dict. A Path, or a one-line
+    string naming a file that exists (or ending in .yml/.yaml), is read as a file whatever its extension."""
     label = "recipe"
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yml", ".yaml"))):
-        path = Path(source)
-        label = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}); check the path") from None
-        source = text
+    if isinstance(source, Path) or (isinstance(source, str) and looks_like_path(source)):
+        label = str(source)
+        source = read_text(source, "the recipe", RecipeError)
     if not isinstance(source, str):
         return label, [source]
-    try:
-        return label, [d for d in yaml.safe_load_all(source) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return label, yaml_documents(source, label, RecipeError)
 
 
 def _validate(doc: object, label: str) -> MergeRecipe:

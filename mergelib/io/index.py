@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mergelib.config.textfile import read_json
 from mergelib.errors import InputModelError
 
 SAFETENSORS_DTYPES = {
@@ -158,9 +159,6 @@ def _allowed_root(root: Path) -> Path:
 def read_config(root: Path) -> dict:
     """config.json of a model directory."""
     path = Path(root) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputModelError(f"{path}: missing; a model directory needs its config.json") from None
-    except ValueError as exc:
-        raise InputModelError(f"{path}: invalid JSON ({exc})") from None
+    if not path.exists():
+        raise InputModelError(f"{path}: missing; a model directory needs its config.json")
+    return read_json(path, "the model config", InputModelError, "fix or replace the model's config.json")

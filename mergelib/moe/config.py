@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelib.config.recipe import DType, ModelRef
+from mergelib.config.textfile import read_text, yaml_documents
 from mergelib.errors import RecipeError, did_you_mean
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
@@ -135,18 +135,11 @@ def load_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
         return source
     label = "moe config"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        label = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read the MoE config ({exc.strerror}); check the path") from None
-        try:
-            source = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        label = str(source)
+        docs = yaml_documents(read_text(source, "the MoE config", RecipeError), label, RecipeError)
+        if len(docs) > 1:
+            raise RecipeError(f"{label}: expected one YAML document with an MoE config, found {len(docs)}")
+        source = docs[0] if docs else None
     if not isinstance(source, dict):
         raise RecipeError(f"{label}: an MoE config is a mapping with 'base_model' and 'experts'")
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mergelib.config.recipe import ModelRef
 from mergelib.config.run import BUILT_FAMILIES, ModelsConfig
+from mergelib.config.textfile import read_json
 from mergelib.errors import InputModelError
 from mergelib.io.hashing import hash_model_dir
 from mergelib.io.hub import is_hub_id, resolve_model
@@ -121,15 +122,17 @@ def _write_lock(path: Path, models: list[LockedModel]) -> None:
 def read_lock(path: str | Path) -> dict[str, LockedModel]:
     """The models a fetch locked, by their conf/ reference."""
     path = Path(path)
-    try:
-        body = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputModelError(f"{path}: no lock file; run the fetch stage first (`dvc repro fetch`)") from None
-    except (OSError, ValueError) as exc:
-        raise InputModelError(f"{path}: unreadable lock file ({exc}); run the fetch stage again") from None
+    if not path.exists():
+        raise InputModelError(f"{path}: no lock file; run the fetch stage first (`dvc repro fetch`)")
+    body = read_json(path, "the lock file", InputModelError, "run the fetch stage again")
+    if not isinstance(body, dict) or not isinstance(body.get("models"), list):
+        raise InputModelError(f"{path}: not a lock file written by the fetch stage; run the fetch stage again")
     if body.get("version") != LOCK_VERSION:
         raise InputModelError(f"{path}: lock version {body.get('version')} is not {LOCK_VERSION}; run fetch again")
-    return {m["ref"]: LockedModel(**m) for m in body["models"]}
+    try:
+        return {m["ref"]: LockedModel(**m) for m in body["models"]}
+    except (TypeError, KeyError):
+        raise InputModelError(f"{path}: a model entry is malformed; run the fetch stage again") from None
 
 
 def pinned_refs(lock: dict[str, LockedModel], refs: Sequence[str], lock_path: str | Path) -> dict[str, str]:

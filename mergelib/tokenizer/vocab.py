@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergelib.config.textfile import read_text
 from mergelib.errors import InputModelError
 
 SUPPORTED_MODELS = ("BPE", "WordPiece", "WordLevel", "Unigram")
@@ -87,7 +88,7 @@ def read_vocabulary(label: str, model_dir: Path) -> Vocabulary:
             f"tokenizers only (tokenizer.json with a {'/'.join(SUPPORTED_MODELS)} model): save one with "
             "AutoTokenizer.from_pretrained(path).save_pretrained(path)"
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, f"model '{label}''s tokenizer.json", InputModelError)
     try:
         data = json.loads(text)
         kind = model_kind(data["model"])
