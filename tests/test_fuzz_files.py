@@ -62,3 +62,15 @@ def test_non_utf8_names_the_byte_offset(tmp_path, kind):
     path.write_bytes(b"merge_method: linear  # caf\xe9\n")
     with pytest.raises(MergelibError, match=rf"{path}: .* is not UTF-8 text \(byte 0xe9 at offset 27\)"):
         reader(path)
+
+
+@settings(max_examples=40)
+@given(st.lists(st.text(max_size=30), min_size=1, max_size=3))
+def test_random_conf_overrides_give_one_line_config_errors(overrides):
+    from mergelib.config.compose import compose
+    from mergelib.errors import ConfigError
+
+    try:
+        compose(overrides, conf_dir=Path(__file__).resolve().parents[1] / "conf")
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc)

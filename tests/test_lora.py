@@ -167,3 +167,28 @@ def test_cli(tiny_family, tmp_path, capsys):
     assert main([*args[:-2], "-e", "("]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "'(' is not a valid regular expression" in err
+
+
+def test_a_base_of_another_architecture_is_refused_not_silently_partial(tiny_family, tmp_path, capsys):
+    """A Mixtral base for a Llama fine-tune: the fine-tune's MLP tensors have no module in the base. Before, the
+    adapter was written without them ("worst relative error 0"); now it is an error naming them, or with
+    --skip-undecomposable a partial adapter whose report lists every tensor left out."""
+    from mergelib.moe.build import build_moe
+
+    moe = tmp_path / "mixtral"
+    build_moe({"base_model": str(tiny_family.base), "gate_mode": "random", "experts_per_token": 1,
+               "experts": [{"source_model": str(p)} for p in tiny_family.finetunes]}, moe)
+    ft = tiny_family.finetunes[0]
+    expected = r"does not match base .*\.mlp\.down_proj\.weight \(only in the fine-tune\)"
+    with pytest.raises(InputModelError, match=expected):
+        extract_lora(ft, moe, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    args = ["extract-lora", "--model", str(ft), "--base", str(moe), "--out", str(tmp_path / "partial")]
+    assert main(args) == 2
+    assert "--skip-undecomposable" in capsys.readouterr().err
+    assert main([*args, "--skip-undecomposable"]) == 0
+    err = capsys.readouterr().err
+    record = json.loads((tmp_path / "partial" / "mergelib_run.json").read_text())
+    ft_only = [n for n in record["left_out"] if n.endswith("(only in the fine-tune)")]
+    assert len(ft_only) == 3 * 4  # gate, up, down of every layer of the tiny model
+    assert "left out" in err and "model.layers.0.mlp.gate_proj.weight" in err

@@ -113,6 +113,7 @@ def extract_lora(model: str | Path, base: str | Path, out_dir: str | Path, *, ma
     errors: dict[str, float] = {}
     saved: list[str] = []
     notes: list[str] = []
+    undecomposable: list[str] = []  # tensors no adapter on this base can reproduce: an error, or skipped and listed
     for module, kind in kinds.items():
         name = f"{module}.weight"
         if not _selected(module, list(include), list(exclude)):
@@ -120,14 +121,12 @@ def extract_lora(model: str | Path, base: str | Path, out_dir: str | Path, *, ma
         if name not in ft_index.tensors and name not in base_index.tensors:
             continue  # a tied output head, or stored under another name: nothing to compare
         if (name in ft_index.tensors) != (name in base_index.tensors):
-            where = "the fine-tune" if name in base_index.tensors else "the base"
-            raise InputModelError(f"{name} is missing from {where}; both models need the same tensors")
+            undecomposable.append(f"{name} (only in the {'base' if name in base_index.tensors else 'fine-tune'})")
+            continue
         ft, bw = _tensor(ft_index, name), _tensor(base_index, name)
         if ft.shape != bw.shape:
-            raise InputModelError(
-                f"{name}: {list(ft.shape)} in the fine-tune, {list(bw.shape)} in the base; extract-lora needs equal "
-                "shapes (resize the base's vocabulary first)"
-            )
+            undecomposable.append(f"{name} ({list(ft.shape)} in the fine-tune, {list(bw.shape)} in the base)")
+            continue
         bias_changed = _bias_changed(ft_index, base_index, module)
         delta = ft.float() - bw.float()
         if not delta.any() and not bias_changed:
@@ -154,14 +153,45 @@ def extract_lora(model: str | Path, base: str | Path, out_dir: str | Path, *, ma
         tensors[f"{PREFIX}{module}.{names[1]}"] = b.to(ft.dtype).contiguous()
         ranks[module] = a.shape[0]
         errors[module] = err
+    undecomposable += _unaccounted(ft_index, base_index, kinds, include, exclude)
+    undecomposable.sort(key=lambda entry: entry.endswith("(only in the base)"))  # what the adapter would lose first
+    if undecomposable and not skip_undecomposable:
+        more = len(undecomposable) - 3
+        shown = "; ".join(undecomposable[:3]) + (f"; and {more} more" if more > 0 else "")
+        raise InputModelError(
+            f"'{model}' does not match base '{base}' in {len(undecomposable)} tensor(s): {shown}. Use the base it "
+            "was fine-tuned from, or pass --skip-undecomposable to leave these out (they are listed in the report)"
+        )
+    if undecomposable:
+        notes.append(f"left out {len(undecomposable)} tensor(s) the base cannot take (--skip-undecomposable): "
+                     + "; ".join(undecomposable))
     if not ranks and not saved:
         raise InputModelError(f"'{model}' and '{base}' do not differ in any selected module; nothing to extract")
     _write_adapter(out_dir, tensors, ranks, saved, str(base), {
         "kind": "extract-lora", "model": str(model), "base": str(base), "max_rank": max_rank,
+        "left_out": undecomposable,
         "sv_epsilon": sv_epsilon, "distribute_scale": distribute_scale, "embed_lora": embed_lora,
         "include": list(include), "exclude": list(exclude), "errors": errors,
     })
     return LoraResult(out_dir, ranks, errors, tuple(saved), tuple(notes))
+
+
+def _unaccounted(ft_index: ShardIndex, base_index: ShardIndex, kinds: dict[str, str], include, exclude) -> list[str]:
+    """Selected tensors outside every module of the base's architecture that the adapter could not reproduce: in
+    one model only, shaped differently, or changed (a fine-tune of another architecture lands here)."""
+    known = {f"{module}.{part}" for module in kinds for part in ("weight", "bias")}
+    out = []
+    for name in sorted(set(ft_index.tensors) | set(base_index.tensors)):
+        if name in known or not _selected(name.rsplit(".", 1)[0], list(include), list(exclude)):
+            continue
+        if (name in ft_index.tensors) != (name in base_index.tensors):
+            out.append(f"{name} (only in the {'base' if name in base_index.tensors else 'fine-tune'})")
+        elif ft_index.tensors[name].shape != base_index.tensors[name].shape:
+            out.append(f"{name} ({list(ft_index.tensors[name].shape)} in the fine-tune, "
+                       f"{list(base_index.tensors[name].shape)} in the base)")
+        elif not torch.equal(_tensor(ft_index, name), _tensor(base_index, name)):
+            out.append(f"{name} (changed, and no module of the base's architecture holds it)")
+    return out
 
 
 def _resolve(text: str | Path) -> Path:
