@@ -4,6 +4,7 @@ Bad input: one line on stderr, exit 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,6 +36,15 @@ def _human(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergelib")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -42,6 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mergelib", description="Merge fine-tuned LLM checkpoints from mergekit-style recipes.")
+    parser.add_argument("--version", action="version", version=f"mergelib {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     m = sub.add_parser("merge", help="merge the models of a recipe (mergekit YAML) into OUT")
     m.add_argument("config", help="recipe YAML (mergekit format)")
@@ -56,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-crimes", action="store_true", help="allow inputs of different architectures")
     m.add_argument("--trust-remote-code", action="store_true", help="allow inputs whose config needs custom code")
     m.add_argument("--allow-nan", action="store_true", help="merge inputs that hold NaN/Inf values")
+    m.add_argument("--unsafe-truncate-embeddings", action="store_true",
+                   help="merge embeddings of different vocabulary sizes by keeping their first rows (no tokenizer: "
+                        "block); without it that is an error, as in mergekit 0.1.5")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, memory) and stop")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--intermediate-dir", "-I", default=None,
@@ -98,10 +112,13 @@ def _add_extract_lora(sub) -> None:
                    help="skip changed modules a LoRA cannot hold (norms) instead of storing them whole")
 
 
-def _param_lines(model) -> list[str]:
+def _param_lines(model, ignored: dict[str, str]) -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         label = field.alias or name
+        if label in ignored:
+            out.append(f"{label} (accepted for mergekit recipes, ignored)")
+            continue
         default = "required" if field.is_required() else f"default {field.default!r}"
         out.append(f"{label} ({default})")
     return out
@@ -115,8 +132,8 @@ def cmd_methods() -> int:
                 "none": "no base"}[spec.base]
         print(f"{spec.name}: {spec.summary}")
         print(f"  {base}; paper: {spec.paper or '-'}")
-        print(f"  global: {', '.join(_param_lines(spec.params)) or '-'}")
-        print(f"  per model: {', '.join(_param_lines(spec.model_params)) or '-'}")
+        print(f"  global: {', '.join(_param_lines(spec.params, dict(spec.ignored))) or '-'}")
+        print(f"  per model: {', '.join(_param_lines(spec.model_params, dict(spec.ignored))) or '-'}")
     return 0
 
 
@@ -132,9 +149,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer, allow_crimes=args.allow_crimes,
         trust_remote_code=args.trust_remote_code, quiet=args.quiet, dry_run=args.dry_run, dtype=args.dtype,
         memory_budget=args.memory_budget, allow_nan=args.allow_nan,
+        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
     )
     plan = result.plan
     threads = args.threads or 2
+    for name, why in plan.ignored_params.items():
+        print(f"mergelib: warning: {plan.method.name} ignores '{name}' (it changes nothing: {why})", file=sys.stderr)
     if args.dry_run:
         print(f"plan: {plan.method.name}, {len(plan.models)} models, {len(plan.jobs)} tensors in {len(plan.shards)} shard(s)")
         for job in plan.jobs:
@@ -161,6 +181,7 @@ def cmd_multi(args: argparse.Namespace, recipes) -> int:
         out_shard_size=args.out_shard_size, threads=args.threads, copy_tokenizer=args.copy_tokenizer,
         allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code, quiet=args.quiet,
         dtype=args.dtype, memory_budget=args.memory_budget, allow_nan=args.allow_nan,
+        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
     )
     for run in result.stages:
         label = run.name or "(final)"
@@ -219,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mergelib: interrupted; the previous output (if any) is untouched", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mergelib methods | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

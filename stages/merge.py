@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from stages._runner import main
 
 
@@ -11,7 +13,14 @@ def run(config, tracker) -> str:
     from mergelib.pipeline.outputs import write_json
 
     refs = pinned_refs(read_lock(config.paths.lock), config.input_refs(), config.paths.lock)
+    inactive = config.inactive_knobs()
+    if inactive:
+        knobs = ", ".join(f"{k}={v}" for k, v in inactive.items())
+        print(f"merge: {config.method} does not use {knobs}; left out of the recipe", file=sys.stderr)
     result = merge(config.recipe(refs), config.paths.merged, seed=config.seed, quiet=True)
+    for name, why in result.plan.ignored_params.items():
+        print(f"merge: warning: {result.plan.method.name} ignores '{name}' (it changes nothing: {why})",
+              file=sys.stderr)
     numbers = {
         "seconds": round(result.seconds, 3),
         "peak_rss_mb": round(result.peak_rss_bytes / 2**20, 1),

@@ -163,3 +163,73 @@ def test_a_recipe_that_is_not_utf8_names_the_file_and_offset(tmp_path, blob):
     offset = blob.index(next(b for b in blob if b >= 0x80).to_bytes(1, "big"))
     assert_one_line_error(run("merge", str(path), str(tmp_path / "out")), str(path), "not UTF-8",
                           f"at offset {offset}")
+
+
+def task_arithmetic_recipe(family, density):
+    return {"merge_method": "task_arithmetic", "base_model": str(family.base),
+            "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": density}} for p in family.finetunes]}
+
+
+def test_a_parameter_the_method_ignores_is_said_and_recorded(tiny_family, tmp_path):
+    digests = set()
+    for density in (0.1, 0.5, 1.0):
+        out = tmp_path / f"out{density}"
+        proc = run("merge", str(write_recipe(tmp_path, task_arithmetic_recipe(tiny_family, density))), str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert "warning: task_arithmetic ignores 'density' (it changes nothing" in proc.stderr
+        record = json.loads((out / "mergelib_run.json").read_text())
+        assert list(record["ignored_params"]) == ["density"]
+        digests.add((out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists()
+                    else b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors"))))
+    assert len(digests) == 1  # the knob really does nothing
+    clean = run("merge", str(write_recipe(tmp_path, ties_recipe(tiny_family))), str(tmp_path / "ties"))
+    assert clean.returncode == 0 and "warning" not in clean.stderr
+    assert json.loads((tmp_path / "ties" / "mergelib_run.json").read_text())["ignored_params"] == {}
+
+
+def test_methods_says_which_parameters_are_ignored():
+    out = run("methods").stdout
+    block = out[out.index("task_arithmetic:"):out.index("ties:")]
+    assert "density (accepted for mergekit recipes, ignored)" in block
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "ram", "ramplus_tl", "arcee_fusion", "nearswap"])
+def test_mergekit_test_recipes_with_a_weight_per_model_are_accepted(tiny_family, tmp_path, method):
+    """mergekit's own test recipes give every model weight 0.6/0.4, which these methods accept and ignore."""
+    two = method in ("slerp", "arcee_fusion", "nearswap")
+    models = [tiny_family.base, tiny_family.finetunes[0]] if two else [tiny_family.base, *tiny_family.finetunes]
+    recipe = {"merge_method": method, "base_model": str(tiny_family.base),
+              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, (0.6, 0.4, 0.4))]}
+    if method in ("slerp", "nearswap"):
+        recipe["parameters"] = {"t": 0.5}
+    proc = run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {method} ignores 'weight'" in proc.stderr
+    unknown = {**recipe, "models": [{"model": str(m), "parameters": {"wieght": 1.0}} for m in models]}
+    assert_one_line_error(run("merge", str(write_recipe(tmp_path, unknown)), str(tmp_path / "bad")),
+                          "unknown parameter")
+
+
+def test_version():
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("mergelib ")
+
+
+def test_config_json_says_dtype_and_keeps_torch_dtype_only_where_the_input_had_it(tiny_family, tmp_path):
+    src = json.loads((tiny_family.base / "config.json").read_text())
+    out = tmp_path / "out"
+    assert run("merge", str(write_recipe(tmp_path, ties_recipe(tiny_family))), str(out), "--dtype",
+               "bfloat16").returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in src and "torch_dtype" not in config
+    import shutil
+
+    old = tmp_path / "old_base"  # a config written by transformers 4: torch_dtype only
+    shutil.copytree(tiny_family.base, old)
+    (old / "config.json").write_text(json.dumps({**{k: v for k, v in src.items() if k != "dtype"},
+                                                 "torch_dtype": "float32"}))
+    recipe = {"merge_method": "linear", "models": [{"model": str(old), "parameters": {"weight": 1.0}}]}
+    assert run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out4"), "--dtype",
+               "bfloat16").returncode == 0
+    config = json.loads((tmp_path / "out4" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["torch_dtype"] == "bfloat16"

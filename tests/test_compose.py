@@ -110,11 +110,22 @@ def test_moe_demo_names_the_family_s_models():
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_recipe_keeps_exactly_the_knobs_the_method_takes(method):
+    """Knobs the method lacks, or accepts and ignores (task_arithmetic's density), never reach its recipe; the
+    merge stage names them instead (inactive_knobs)."""
     spec = REGISTRY[method]
     takes = set(spec.params.model_fields) | set(spec.model_params.model_fields)
+    acting = takes - {name for name, _ in spec.ignored}
     config = run_config(compose(["experiment=slerp" if spec.max_models == 1 else "method=ties"], CONF))
-    recipe = config.model_copy(update={"method": method, "merge": {**config.merge, "merge_method": method}}).recipe()
-    assert set(recipe["parameters"]) == {k for k in KNOBS if k in takes}
+    config = config.model_copy(update={"method": method, "merge": {**config.merge, "merge_method": method}})
+    recipe = config.recipe()
+    assert set(recipe["parameters"]) == {k for k in KNOBS if k in acting}
+    assert set(config.inactive_knobs()) == set(KNOBS) - set(recipe["parameters"])
+
+
+def test_task_arithmetic_s_density_is_left_out_and_named():
+    config = run_config(compose(["method=task_arithmetic", "density=0.1"], CONF))
+    assert config.inactive_knobs() == {"density": 0.1, "t": 0.5}
+    assert "density" not in config.recipe()["parameters"]
 
 
 def test_recipe_maps_references_through_the_lock():

@@ -86,3 +86,42 @@ def test_tied_embeddings_stay_tied_with_a_union_vocabulary(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
     assert merged["model.embed_tokens.weight"].shape[0] == result.plan.tokenizer.vocab_size
+
+
+def test_a_model_without_tokenizer_files_takes_the_source_s_vocabulary(tiny_family, tmp_path):
+    """mergekit merges a fine-tune saved without tokenizer files when the tokenizer comes from the base; so do we
+    (its rows read by the base's ids), unless the vocabulary is a union, which needs its tokens."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_family.finetunes[0], bare)
+    for path in bare.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+
+    def recipe(ft, **extra):
+        return {"merge_method": "linear", "models": [{"model": str(tiny_family.base), "parameters": {"weight": 0.5}},
+                                                     {"model": str(ft), "parameters": {"weight": 0.5}}],
+                "base_model": str(tiny_family.base), "chat_template": "chatml", **extra}
+
+    bare_out = mergelib.merge(recipe(bare, tokenizer_source="base"), tmp_path / "bare_out", quiet=True)
+    full_out = mergelib.merge(recipe(tiny_family.finetunes[0], tokenizer_source="base"), tmp_path / "full_out",
+                              quiet=True)
+    assert tensors(bare_out.out_dir).keys() == tensors(full_out.out_dir).keys()
+    for name, value in tensors(full_out.out_dir).items():
+        assert torch.equal(tensors(bare_out.out_dir)[name], value), name
+    assert f"'{bare}' has no tokenizer files" in (bare_out.out_dir / "tokenizer_report.md").read_text()
+    with pytest.raises(mergelib.InputModelError, match="no tokenizer.json"):
+        mergelib.merge(recipe(bare, tokenizer={"source": "union"}), tmp_path / "union", quiet=True)
+
+
+def test_different_vocabulary_sizes_need_a_tokenizer_block_or_the_unsafe_flag(trio, tmp_path):
+    """mergekit 0.1.5 refuses embeddings of different sizes without a `tokenizer:` block unless
+    --unsafe-truncate-embeddings is given; so do we."""
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(trio[k]), "parameters": {"weight": 0.5}} for k in ("b", "c")]}
+    with pytest.raises(mergelib.InputModelError, match="vocabularies differ .*--unsafe-truncate-embeddings"):
+        mergelib.merge(recipe, tmp_path / "refused", quiet=True)
+    result = mergelib.merge(recipe, tmp_path / "cut", quiet=True, unsafe_truncate_embeddings=True)
+    assert any("kept the first 261 rows" in note for note in result.plan.notes)
+    assert tensors(result.out_dir)["model.embed_tokens.weight"].shape[0] == 261

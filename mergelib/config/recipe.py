@@ -210,17 +210,33 @@ def _field_names(model: type[BaseModel]) -> set[str]:
     return {f.alias or name for name, f in model.model_fields.items()}
 
 
+def _parameter_levels(recipe: MergeRecipe) -> list[tuple[str, dict, bool]]:
+    """(where, parameters, per_model) for every parameters block of the recipe; per-model blocks take only
+    per-model parameters."""
+    levels: list[tuple[str, dict, bool]] = [("parameters", recipe.parameters, False)]
+    for i, entry in enumerate(recipe.models or []):
+        levels.append((f"models[{i}].parameters", entry.parameters, True))
+    for i, piece in enumerate(recipe.slices or []):
+        levels.append((f"slices[{i}].parameters", piece.parameters, False))
+        for j, src in enumerate(piece.sources):
+            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, True))
+    return levels
+
+
+def ignored_parameters(recipe: MergeRecipe) -> dict[str, str]:
+    """Parameters the recipe sets that its method accepts but does not use: name -> why (MethodSpec.ignored)."""
+    from mergelib.methods import get_method
+
+    reasons = dict(get_method(recipe.merge_method).ignored)
+    return {key: reasons[key] for _, params, _ in _parameter_levels(recipe) for key in params if key in reasons}
+
+
 def _check_parameter_names(recipe: MergeRecipe, method) -> None:
     global_names = _field_names(method.params)
     model_names = _field_names(method.model_params)
     known = global_names | model_names
-    levels: list[tuple[str, dict, set[str]]] = [("parameters", recipe.parameters, known)]
-    for i, entry in enumerate(recipe.models or []):
-        levels.append((f"models[{i}].parameters", entry.parameters, model_names))
-    for i, piece in enumerate(recipe.slices or []):
-        levels.append((f"slices[{i}].parameters", piece.parameters, known))
-        for j, src in enumerate(piece.sources):
-            levels.append((f"slices[{i}].sources[{j}].parameters", src.parameters, model_names))
+    levels = [(where, params, model_names if per_model else known)
+              for where, params, per_model in _parameter_levels(recipe)]
     for where, params, allowed in levels:
         for key in params:
             if key in allowed:

@@ -71,7 +71,7 @@ class PathsConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    """lm-eval tasks (mergelib.pipeline.evaluate) run on the merged model and, cached once per family, on its parents."""
+    """lm-eval tasks (mergelib.pipeline.evaluate) on the merged model and, cached once per family, on its parents."""
 
     suite: str
     tasks: tuple[str, ...] = Field(min_length=1)  # shipped demo_* tasks or any lm-eval task name
@@ -179,16 +179,27 @@ class RunConfig(_Frozen):
                 raise ValueError(f"{key}: the {kind} family builds '{want}', not '{ref}'; use that path")
 
     def recipe(self, model_refs: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The merge node as the engine should see it: knobs the method lacks removed, references mapped."""
+        """The merge node as the engine should see it: knobs that do not act on the method (`inactive_knobs`)
+        removed, references mapped."""
+        recipe = _mapped(self.merge, dict(model_refs or {}))
+        params = recipe.get("parameters")
+        if isinstance(params, dict):
+            inactive = self.inactive_knobs()
+            recipe["parameters"] = {k: v for k, v in params.items() if k not in inactive}
+        return recipe
+
+    def inactive_knobs(self) -> dict[str, Any]:
+        """The top-level knobs (density, weight, t) in the merge node's parameters that its method lacks or
+        accepts and ignores (task_arithmetic and density): knob -> value. The merge stage says they were left out."""
         from mergelib.methods import get_method
 
         spec = get_method(self.merge.get("merge_method", self.method))
         taken = {f.alias or n for m in (spec.params, spec.model_params) for n, f in m.model_fields.items()}
-        recipe = _mapped(self.merge, dict(model_refs or {}))
-        params = recipe.get("parameters")
-        if isinstance(params, dict):
-            recipe["parameters"] = {k: v for k, v in params.items() if k not in KNOBS or k in taken}
-        return recipe
+        taken -= {name for name, _ in spec.ignored}
+        params = self.merge.get("parameters")
+        if not isinstance(params, dict):
+            return {}
+        return {k: v for k, v in params.items() if k in KNOBS and k not in taken}
 
     def input_refs(self) -> tuple[str, ...]:
         """Every model reference the run needs: the family, then any other the recipe names."""

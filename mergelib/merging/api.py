@@ -74,6 +74,7 @@ def plan_merge(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     allow_nan: bool = False,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Validate a recipe and plan every output tensor without reading weights."""
     return build_plan(
@@ -83,6 +84,7 @@ def plan_merge(
         allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code,
         allow_nan=allow_nan,
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
     )
 
 
@@ -113,6 +115,7 @@ def merge(
     dtype: str | None = None,
     memory_budget: int | None = None,
     allow_nan: bool = False,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergeResult:
     """Merge the models of `recipe` into `out_dir`; a previous output there is replaced only on success."""
     started = time.perf_counter()
@@ -120,6 +123,7 @@ def merge(
     plan = plan_merge(
         recipe, out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
         trust_remote_code=trust_remote_code, allow_nan=allow_nan,
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
     )
     threads = threads or 2
     if dry_run:
@@ -199,6 +203,7 @@ def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, s
             {"model": m.label, "revision": m.ref.revision, "files": per_model[m.label]} for m in plan.models
         ],
         "output": {"shards": list(plan.shards), "tensors": len(plan.jobs), "bytes": plan.bytes_written},
+        "ignored_params": plan.ignored_params,
         "versions": versions,
     }
     (staged / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -174,7 +174,7 @@ def stage_key(stage: Stage, keys: dict[str, str], dirs: dict[str, str], *, seed:
     """The content hash that decides a stage's output (see the module docstring)."""
     hashed = _resolved(stage, {name: f"mergelib-stage:{name}:{key}" for name, key in keys.items()})
     plan = plan_merge(_resolved(stage, dirs), **{k: options[k] for k in (
-        "out_shard_size", "dtype", "allow_crimes", "trust_remote_code", "allow_nan")})
+        "out_shard_size", "dtype", "allow_crimes", "trust_remote_code", "allow_nan", "unsafe_truncate_embeddings")})
     stage_dirs = {str(Path(d).resolve()) for d in dirs.values()}
     files = [f for m in plan.models if str(m.path.resolve()) not in stage_dirs
              for f in (*m.index.files, m.path / "config.json") if f.is_file()]
@@ -210,6 +210,7 @@ def merge_multi(
     dtype: str | None = None,
     memory_budget: int | None = None,
     allow_nan: bool = False,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MultiResult:
     """Run every document of a multi-document recipe; named stages go to `intermediate_dir/<name>` (default: the
     sibling `<OUT>.intermediate`) and are reused while their key is unchanged; the final document goes to OUT."""
@@ -218,7 +219,8 @@ def merge_multi(
     inter = Path(intermediate_dir or out_dir.with_name(out_dir.name + ".intermediate"))
     stages = stage_graph(recipes)
     options = dict(out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
-                   trust_remote_code=trust_remote_code, allow_nan=allow_nan, copy_tokenizer=copy_tokenizer)
+                   trust_remote_code=trust_remote_code, allow_nan=allow_nan, copy_tokenizer=copy_tokenizer,
+                   unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     run_options = dict(options, threads=threads, quiet=quiet, memory_budget=memory_budget, seed=seed)
     keys: dict[str, str] = {}
     dirs: dict[str, str] = {}

@@ -130,6 +130,7 @@ class MergePlan:
     notes: tuple[str, ...] = field(default=())
     allow_nan: bool = False  # merge inputs holding NaN/Inf instead of stopping at the first
     tokenizer: TokenizerPlan | None = None  # output vocabulary, when the recipe assembles one
+    ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
 
     @property
     def bytes_read(self) -> int:

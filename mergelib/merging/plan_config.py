@@ -41,7 +41,9 @@ def output_config(
             config[key] = [models[m].config[key][layer] for m, layer in origin]
     if untied_head and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False
-    if jobs:
+    if jobs:  # transformers 5 reads `dtype`; `torch_dtype` is kept (updated) only where the input had it
         dtype_name = str(jobs[-1].dtype).removeprefix("torch.")
-        config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
+        config["dtype"] = dtype_name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
     return config

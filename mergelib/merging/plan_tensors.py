@@ -71,8 +71,10 @@ class TensorPlanner:
     """Collects the TensorJobs of one plan (and its notes) as `plan` is called for each output tensor in order."""
 
     def __init__(self, recipe: MergeRecipe, method: MethodSpec, models: list[InputModel],
-                 tokenizer: TokenizerPlan | None, align: bool, out_dtype: str | None):
+                 tokenizer: TokenizerPlan | None, align: bool, out_dtype: str | None,
+                 truncate_embeddings: bool = False):
         self.recipe = recipe
+        self.truncate_embeddings = truncate_embeddings  # keep the leading rows of embeddings whose sizes differ
         self.method = method
         self.models = models
         self.tokenizer = tokenizer
@@ -168,7 +170,14 @@ class TensorPlanner:
                     f"tensor '{out_name}': a model has a smaller vocabulary than the base ({detail()}); "
                     "give the recipe a 'tokenizer' block to merge different vocabularies"
                 )
-            self.notes.append(f"{out_name}: vocabularies differ ({detail()}); kept the first {target[0]} rows")
+            if not self.truncate_embeddings:
+                raise InputModelError(
+                    f"tensor '{out_name}': vocabularies differ ({detail()}); give the recipe a 'tokenizer' block "
+                    f"(e.g. tokenizer: {{source: base}}) to merge them, or pass --unsafe-truncate-embeddings to keep "
+                    f"the first {target[0]} rows (mergekit 0.1.5 refuses too without that flag)"
+                )
+            self.notes.append(f"{out_name}: vocabularies differ ({detail()}); kept the first {target[0]} rows "
+                              "(--unsafe-truncate-embeddings)")
         return target
 
     def _parameters(self, out_name: str, piece: Slice, sources: dict[int, SourceTensor],

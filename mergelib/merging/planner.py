@@ -6,7 +6,7 @@ models and slices, architecture check, tokenizer, every tensor in output order, 
 from __future__ import annotations
 
 from mergelib.arch import ArchSpec, WeightSpec
-from mergelib.config.recipe import MergeRecipe
+from mergelib.config.recipe import MergeRecipe, ignored_parameters
 from mergelib.io.writer import TensorSlot, pack_shards
 from mergelib.merging.plan import InputModel, MergePlan
 from mergelib.merging.plan_config import output_config
@@ -31,6 +31,7 @@ def build_plan(
     allow_crimes: bool = False,
     trust_remote_code: bool = False,
     allow_nan: bool = False,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Plan every output tensor of `recipe`; raises a MergelibError for anything wrong, reading no weights."""
     method = get_method(recipe.merge_method)
@@ -43,7 +44,7 @@ def build_plan(
 
     tokenizer = _plan_tokenizer(recipe, models, spec, slices)
     align = tokenizer is not None and (recipe.tokenizer is not None or recipe.tokenizer_source is not None)
-    planner = TensorPlanner(recipe, method, models, tokenizer, align, out_dtype)
+    planner = TensorPlanner(recipe, method, models, tokenizer, align, out_dtype, unsafe_truncate_embeddings)
     layer_origin = _plan_tensors(planner, spec, slices)
     notes = planner.notes + _unmerged_note(recipe, spec, models[reference], planner)
 
@@ -55,7 +56,7 @@ def build_plan(
     shards = pack_shards([TensorSlot(j.name, j.shape, j.dtype) for j in jobs], out_shard_size)
     return MergePlan(
         recipe, method, tuple(models), tuple(jobs), shards, config, planner.working, reference, tuple(notes),
-        allow_nan, tokenizer,
+        allow_nan, tokenizer, ignored_parameters(recipe),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelib.methods.base import MethodInputs, MethodSpec, NoParams
+from mergelib.methods.base import WEIGHT_IGNORED, IgnoredWeight, MethodInputs, MethodSpec, NoParams
 from mergelib.methods.select import kth_smallest
 
 _SOFTMAX_EPS = 1e-8  # mergekit's smoothing of both distributions before the log ratio
@@ -67,5 +67,7 @@ SPECS = (
         base="required",
         min_models=1,
         max_models=1,
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
     ),
 )

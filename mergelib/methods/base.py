@@ -25,6 +25,16 @@ class NoParams(Params):
     """A method (or scope) that takes no parameters."""
 
 
+class IgnoredWeight(Params):
+    """Per-model parameters of a method that takes none but, like mergekit, accepts a `weight` and ignores it
+    (mergekit's own test recipes give every model one). The planner reports it as ignored."""
+
+    weight: float | None = None
+
+
+WEIGHT_IGNORED = (("weight", "it weights the models by its own rule, not by a per-model weight"),)
+
+
 # How a method uses `base_model`:
 #   required: must be given; passed as `MethodInputs.base`, never inside `tensors`.
 #   optional: used as `MethodInputs.base` when given (e.g. nuslerp/multislerp work on task vectors then).
@@ -86,6 +96,9 @@ class MethodSpec:
     #   stream:  passes over the row blocks of StreamInputs (tensor-level statistics first, then the result).
     rowwise: bool = False
     stream: Callable[[StreamInputs, Params], None] | None = None
+    # Parameters accepted (mergekit accepts them) that change nothing here: (name, why); a recipe that sets one
+    # is merged with a warning and the name recorded in the run's `ignored_params`.
+    ignored: tuple[tuple[str, str], ...] = ()
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised

@@ -179,7 +179,17 @@ def _spec(
         base="required",
         min_models=1,
         randomized=sparsify in (_random, _magprune),
+        ignored=_ignored(sparsify),
     )
+
+
+def _ignored(sparsify: Sparsifier | None) -> tuple[tuple[str, str], ...]:
+    """What a GTA variant accepts from mergekit's shared schema and does not use."""
+    out = [("int8_mask", "masks are 1-byte booleans here whatever it says; in mergekit it only saved memory")]
+    if sparsify is None:
+        out += [("density", "it keeps every element of each task vector (density applies to the sparsifying methods)"),
+                ("rescale", "nothing is dropped, so there is nothing to rescale")]
+    return tuple(out)
 
 
 _TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"

@@ -12,7 +12,7 @@ import math
 import torch
 from pydantic import Field
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import WEIGHT_IGNORED, MethodInputs, MethodSpec, Params
 
 _SIN_FLOOR = 1e-6  # |u − cosθ·m| below this is float32 rounding noise (~6e-8 for unit vectors)
 
@@ -80,6 +80,7 @@ SPECS = (
         merge=merge,
         params=KarcherParams,
         model_params=KarcherModelParams,
+        ignored=WEIGHT_IGNORED,
         base="input",
         min_models=1,
     ),

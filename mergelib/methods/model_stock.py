@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import WEIGHT_IGNORED, IgnoredWeight, MethodInputs, MethodSpec, Params
 
 
 class ModelStockParams(Params):
@@ -61,5 +61,7 @@ SPECS = (
         params=ModelStockParams,
         base="required",
         min_models=2,
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
     ),
 )

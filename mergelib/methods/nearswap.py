@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import WEIGHT_IGNORED, IgnoredWeight, MethodInputs, MethodSpec, Params
 
 _MIN_DISTANCE = 1e-6  # keeps t/|Δ| finite where the models agree exactly
 
@@ -40,5 +40,7 @@ SPECS = (
         min_models=1,
         max_models=1,
         rowwise=True,  # elementwise: row blocks give the same bits as whole tensors
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
     ),
 )

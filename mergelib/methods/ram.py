@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import WEIGHT_IGNORED, IgnoredWeight, MethodInputs, MethodSpec, Params
 
 
 class RamParams(Params):
@@ -68,6 +68,8 @@ SPECS = (
         base="required",
         min_models=1,
         rowwise=True,  # per-element activity counts: row blocks give the same bits (ramplus_tl counts per tensor)
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
     ),
     MethodSpec(
         name="ramplus_tl",
@@ -77,5 +79,7 @@ SPECS = (
         params=RamPlusParams,
         base="required",
         min_models=1,
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
     ),
 )

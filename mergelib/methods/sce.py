@@ -11,7 +11,7 @@ from fractions import Fraction
 import torch
 from pydantic import Field
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import WEIGHT_IGNORED, MethodInputs, MethodSpec, Params
 from mergelib.methods.masks import sign_consensus
 from mergelib.methods.select import top_k_mask
 
@@ -68,6 +68,7 @@ SPECS = (
         merge=merge,
         params=SceParams,
         model_params=SceModelParams,
+        ignored=WEIGHT_IGNORED,
         base="required",
         min_models=1,
     ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergelib.methods.base import MethodInputs, MethodSpec, Params
+from mergelib.methods.base import WEIGHT_IGNORED, IgnoredWeight, MethodInputs, MethodSpec, Params
 
 _DOT_THRESHOLD = 0.9995  # |cos| above this: the slerp weights are ill-conditioned, lerp instead
 _NORM_EPS = 1e-8  # a tensor with a norm at or below this is used unnormalised for the angle
@@ -54,5 +54,7 @@ SPECS = (
         base="required",
         min_models=1,
         max_models=1,
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
     ),
 )

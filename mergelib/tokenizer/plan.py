@@ -8,6 +8,7 @@ shrunk away; tokens the owner lists past its own rows are kept too (filled by th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from mergelib.errors import RecipeError
 from mergelib.tokenizer.assembly import Assembly, NewToken
 from mergelib.tokenizer.chat_template import Template, missing_markers, resolve_chat_template
 from mergelib.tokenizer.rows import ZERO, RowSource, gather_rows, plan_rows
-from mergelib.tokenizer.vocab import Vocabulary, read_vocabulary
+from mergelib.tokenizer.vocab import SLOW_FILES, Vocabulary, read_vocabulary
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
                       "additional_special_tokens")
@@ -85,7 +86,7 @@ def plan_tokenizer(
     mode = (config.source if config is not None else source) or "base"
     base_label = match_label(base, labels, "base_model") if base is not None else labels[0]
     owner = base_label if mode in ("union", "base") else match_label(mode, labels, field)
-    vocabs = {m: read_vocabulary(m, models[m]) for m in labels}
+    vocabs, borrowed = _vocabularies(models, owner, union=mode == "union")
     rows = {m: int(model_vocab_sizes[m]) for m in labels}
 
     def lookup(model: str, token: str) -> int | None:
@@ -123,7 +124,27 @@ def plan_tokenizer(
     }
     report = _report(mode, owner, vocabs, rows, asm, len(tokens), n_rows, vocab_size, pad, row_sources,
                      template, template_note, differing)
+    for m in borrowed:
+        report += f"\nnote: '{m}' has no tokenizer files; its rows are read by the ids of '{owner}'s vocabulary"
     return TokenizerPlan(vocab_size, row_sources, report, tuple(tokens), tuple(asm.new), owner, template, files)
+
+
+def _vocabularies(models: dict[str, Path], owner: str, union: bool) -> tuple[dict[str, Vocabulary], list[str]]:
+    """Every input's vocabulary, and the labels of those that borrowed the owner's: a model with no tokenizer files
+    at all (a fine-tune saved without them) is read as sharing the owner's ids, unless the vocabulary is a union,
+    which needs every model's own tokens."""
+    owner_vocab = read_vocabulary(owner, models[owner])
+    vocabs: dict[str, Vocabulary] = {}
+    borrowed: list[str] = []
+    for m, path in models.items():
+        if m == owner:
+            vocabs[m] = owner_vocab
+        elif not union and not any((Path(path) / name).is_file() for name in ("tokenizer.json", *SLOW_FILES)):
+            vocabs[m] = dataclasses.replace(owner_vocab, label=m, path=Path(path))
+            borrowed.append(m)
+        else:
+            vocabs[m] = read_vocabulary(m, path)
+    return vocabs, borrowed
 
 
 def _assemble(vocabs: dict[str, Vocabulary], owner: str, union: bool, listed: list[str], lookup) -> Assembly:

@@ -135,7 +135,9 @@ def test_repro_stage_command_publish_and_eval_only_change(tmp_path):
     assert digests(root) == before
     out = root / "outputs/merged"
     recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
-    assert recipe["merge_method"] == "task_arithmetic" and recipe["parameters"] == {"density": 0.5, "weight": 0.8}
+    # density does not act on task_arithmetic: left out of its recipe (the stage says so)
+    assert recipe["merge_method"] == "task_arithmetic" and recipe["parameters"] == {"weight": 0.8}
+    assert "task_arithmetic does not use density=0.5" in proc.stderr
     lock = {m["ref"]: m for m in json.loads((root / "models/tiny/lock.json").read_text())["models"]}
     for entry in json.loads((out / "mergelib_run.json").read_text())["inputs"]:  # read exactly the locked bytes
         assert entry["files"] == {k: v for k, v in lock[entry["model"]]["files"].items() if k in entry["files"]}
