@@ -8,16 +8,22 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-slow install bench clean
+.PHONY: demo test test-slow install bench clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# Exactly the versions in requirements.lock (hashes checked; torch is the 2.13.0 CPU build), then mergelib itself.
+$(STAMP): pyproject.toml constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q pip==26.3
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve requirements.lock after changing pyproject.toml or constraints.txt (pip-tools in its own venv).
+lock:
+	test -x .lockenv/bin/pip-compile || { $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q pip-tools==7.6.2; }
+	PATH="$(CURDIR)/.lockenv/bin:$$PATH" .lockenv/bin/python tools/lock.py
 
 # The pipeline on the trained demo family (fetch trains it once, about 3 CPU-minutes; DVC caches it): `dvc repro`
 # (git and DVC initialised first where missing, e.g. in an unpacked archive), then a table of what each stage

@@ -141,6 +141,10 @@ def test_layout_tokenizer_and_record(quick_family):
     record = read_family(root)
     assert record.finetunes == {"add": "ft_add", "rev": "ft_rev", "sort": "ft_sort"} and record.quick
     assert all((root / rel).is_file() for rel in record.data.values())
+    from importlib.metadata import version
+
+    assert record.libraries["transformers"] == version("transformers")  # what trained it, recorded
+    assert set(record.libraries) == {"torch", "transformers", "tokenizers", "numpy", "safetensors"}
     for model in (quick_family.base, *quick_family.finetunes):
         assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
             p.name for p in model.iterdir()

@@ -106,6 +106,10 @@ def test_tiny_family_is_built_deterministically(tmp_path, monkeypatch, tiny_fami
         expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model_dir.iterdir() if p.is_file()}
         assert locked[ref].files == expected
         assert locked[ref].engine_ref == ref and (tmp_path / ref / "config.json").is_file()
+    from importlib.metadata import version
+
+    libraries = json.loads((tmp_path / "models/tiny/lock.json").read_text())["libraries"]
+    assert libraries["transformers"] == version("transformers") and libraries["torch"] == version("torch")
 
 
 def test_quick_demo_family_is_built_with_the_fine_tunes_named(tmp_path, monkeypatch):

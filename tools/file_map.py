@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- file-map:start -->", "<!-- file-map:end -->"
 CODE_DIRS = ("mergelib", "stages", "benchmarks", "tools")
 FILES = {  # paths that are not Python modules, in the order shown
-    "Makefile": "`make demo`, `make test`, `make test-slow`, `make bench` (each creates `.venv` when missing)",
+    "Makefile": "`make demo`, `make test`, `make test-slow`, `make bench` (each installs `.venv` from the lock when "
+                "missing), `make lock`",
+    "requirements.lock": "every dependency pinned with hashes, what `make` installs (`make lock` re-resolves it)",
     ".ci/run": "CI: `make test` on a clean checkout",
     "pyproject.toml": "the package, its dependency ranges, the `torch==2.13.0` pin, the console script `mergelib`",
     "dvc.yaml, params.yaml, conf/": "the pipeline, its composed parameters, the Hydra config groups",

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from mergelib.errors import InputModelError
 from mergelib.families.demo_data import CHARS, SKILLS, Example, Streams, heldout, skill, write_eval_data
 from mergelib.families.tiny import Family
+from mergelib.merging.versions import TRAINING_LIBRARIES, package_versions
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
@@ -204,6 +205,7 @@ class FamilyRecord:
     data: dict[str, str]  # task data name (skill or "ppl") -> jsonl path, relative to the family root
     schedule: dict = field(default_factory=dict)
     version: int = FAMILY_VERSION
+    libraries: dict[str, str] = field(default_factory=lambda: package_versions(TRAINING_LIBRARIES))  # trained with
 
 
 def build_demo_family(root: Path, *, seed: int = 0, quick: bool = False,

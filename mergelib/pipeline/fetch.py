@@ -20,6 +20,7 @@ from mergelib.config.textfile import read_json
 from mergelib.errors import InputModelError
 from mergelib.io.hashing import hash_model_dir
 from mergelib.io.hub import is_hub_id, resolve_model
+from mergelib.merging.versions import TRAINING_LIBRARIES, package_versions
 from mergelib.pipeline.outputs import build_dir
 
 LOCK_NAME = "lock.json"
@@ -113,7 +114,8 @@ def _build_demo(models: ModelsConfig, staged: Path) -> dict[str, LockedModel]:
 
 
 def _write_lock(path: Path, models: list[LockedModel]) -> None:
-    body = {"version": LOCK_VERSION, "models": [asdict(m) for m in models]}
+    body = {"version": LOCK_VERSION, "models": [asdict(m) for m in models],
+            "libraries": package_versions(TRAINING_LIBRARIES)}  # what built or read these bytes
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
