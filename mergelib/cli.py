@@ -25,7 +25,21 @@ def parse_size(text: str) -> int:
         scale = 1024 ** ("kmgt".index(unit[0]) + 1)
     else:
         scale = _SCALE[unit if unit == "b" else unit[:1]]
-    return int(float(number) * scale)
+    size = int(float(number) * scale)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is {size} bytes; give a size of at least 1 byte (e.g. 5GB)")
+    return size
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (thread counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give at least 1")
+    return value
 
 
 def _human(n: float) -> str:
@@ -60,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
     m.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="max bytes per shard (5GB)")
     m.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="output dtype (overrides out_dtype)")
-    m.add_argument("--threads", type=int, default=None, help="tensors merged in parallel (default 2)")
+    m.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel (default 2)")
     m.add_argument("--memory-budget", type=parse_size, default=None, help="working-memory cap (default: half of free RAM)")
     m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy the base (or first) model's tokenizer files (default on)")
@@ -139,7 +153,7 @@ def cmd_methods() -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelib.config.recipe import load_recipes
-    from mergelib.merging.api import merge
+    from mergelib.merging.api import estimated_peak_rss, merge
 
     recipes = load_recipes(Path(args.config))  # the argument is always a file, whatever its name
     if len(recipes) > 1:
@@ -163,7 +177,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for note in plan.notes:
             print(f"note: {note}")
         print(f"read {_human(plan.bytes_read)}, write {_human(plan.bytes_written)}, "
-              f"estimated peak memory {_human(plan.peak_memory(threads))} ({threads} threads)")
+              f"estimated peak memory {_human(estimated_peak_rss(plan, threads))} ({threads} threads; merge work "
+              f"{_human(plan.peak_memory(threads))}, the rest is this process and its compiled kernels)")
         return 0
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)

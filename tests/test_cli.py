@@ -233,3 +233,23 @@ def test_config_json_says_dtype_and_keeps_torch_dtype_only_where_the_input_had_i
                "bfloat16").returncode == 0
     config = json.loads((tmp_path / "out4" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["torch_dtype"] == "bfloat16"
+
+
+def test_dry_run_memory_estimate_counts_what_the_process_holds(tiny_family, tmp_path):
+    """The estimate once said 2.6 MB (the tensors' work alone) for a merge that peaks at 500 MB."""
+    import re
+
+    recipe = write_recipe(tmp_path, ties_recipe(tiny_family))
+    dry = run("merge", str(recipe), str(tmp_path / "out"), "--dry-run")
+    value, unit = re.search(r"estimated peak memory ([\d.]+) (kB|MB|GB)", dry.stdout).groups()
+    estimate = float(value) * {"kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+    real = run("merge", str(recipe), str(tmp_path / "out"))
+    value, unit = re.search(r"peak RSS ([\d.]+) (kB|MB|GB)", real.stdout).groups()
+    peak = float(value) * {"kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+    assert 0.7 * peak <= estimate <= 1.5 * peak, (estimate, peak)
+
+
+@pytest.mark.parametrize("flag, value", [("--out-shard-size", "0"), ("--out-shard-size", "0MB"),
+                                         ("--memory-budget", "0kB"), ("--threads", "0")])
+def test_nonsense_sizes_are_one_line_errors(tmp_path, flag, value):
+    assert_one_line_error(run("merge", "a.yml", str(tmp_path / "out"), flag, value), value)

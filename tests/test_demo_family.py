@@ -197,3 +197,40 @@ def test_full_family_meets_the_quality_bar(tmp_path):
     for skill, model in zip(SKILLS, family.finetunes):
         own = skill_accuracy(model, (skill,))[skill]
         assert own >= 0.9, (model.name, own)
+
+
+TRAIN_A_FEW_STEPS = """
+from mergelib.families.demo import Streams, SKILLS, new_model, train
+train(new_model(0), Streams(tuple(SKILLS)).base("demo/0/base"), steps=3, lr=1e-3, batch_size=2, warmup=1,
+      desc="demo family: base")
+"""
+
+
+def test_training_shows_progress_in_a_terminal_and_stays_quiet_when_piped():
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_A_FEW_STEPS], stdin=follower, stdout=follower,
+                            stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    assert b"demo family: base" in seen and b"/3 [" in seen, seen[-500:]
+    piped = subprocess.run([sys.executable, "-c", TRAIN_A_FEW_STEPS], capture_output=True, timeout=300)
+    assert piped.returncode == 0 and piped.stderr == b"" and piped.stdout == b""

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,29 @@ def test_index_and_shard_names(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     infos = index_model(tmp_path).tensors
     assert infos["b.bias"].shape == (7,) and infos["b.bias"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_committed_outputs_follow_the_user_s_umask(tmp_path, mask):
+    """mkdtemp staging and safetensors' writer make owner-only files; what lands follows the umask."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from mergelib.io.atomic import commit_dir
+
+    previous = os.umask(mask)
+    try:
+        staged = Path(tempfile.mkdtemp(dir=tmp_path))
+        (staged / "sub").mkdir()
+        save_file({"x": torch.zeros(2)}, staged / "sub" / "w.safetensors")
+        (staged / "w.safetensors").write_bytes(b"")
+        (staged / "w.safetensors").chmod(0o600)
+        commit_dir(staged, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    assert (out.stat().st_mode & 0o777, (out / "sub").stat().st_mode & 0o777) == (0o777 & ~mask,) * 2
+    for f in (out / "w.safetensors", out / "sub" / "w.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -41,8 +41,7 @@ def staged_dir(out_dir: Path, marker: str) -> Iterator[Path]:
     staged = Path(tempfile.mkdtemp(dir=_parent(out_dir), prefix=f".{out_dir.name}.partial-"))
     try:
         yield staged
-        staged.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
-        commit_dir(staged, out_dir)
+        commit_dir(staged, out_dir)  # with the modes the user's umask gives (mkdtemp makes it private)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

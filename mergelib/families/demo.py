@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergelib.errors import InputModelError
@@ -112,12 +113,13 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def train(model: LlamaForCausalLM, stream: Iterator[Example], *, steps: int, lr: float, batch_size: int,
-          warmup: int) -> float:
-    """AdamW on the answer tokens of `steps` batches from `stream`; returns the last batch's loss."""
+          warmup: int, desc: str = "training") -> float:
+    """AdamW on the answer tokens of `steps` batches from `stream`; returns the last batch's loss. A progress bar
+    shows in a terminal (tqdm stays quiet when stderr is piped)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     loss = torch.tensor(float("nan"))
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=desc, unit="step", disable=None, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         ids, labels = batch_tensors([next(stream) for _ in range(batch_size)])
@@ -221,7 +223,7 @@ def build_demo_family(root: Path, *, seed: int = 0, quick: bool = False,
     with torch_threads(threads):
         model = new_model(seed)
         train(model, streams.base(f"demo/{seed}/base"), steps=schedule.base_steps, lr=schedule.lr,
-              batch_size=schedule.batch_size, warmup=schedule.base_warmup)
+              batch_size=schedule.batch_size, warmup=schedule.base_warmup, desc="demo family: base")
         base = save_model(model, root / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
         finetunes = []
@@ -229,7 +231,8 @@ def build_demo_family(root: Path, *, seed: int = 0, quick: bool = False,
             model.load_state_dict(base_state)
             steps = schedule.finetune_steps[name]
             train(model, streams.finetune(name, f"demo/{seed}/ft_{name}", schedule.replay), steps=steps,
-                  lr=schedule.lr, batch_size=schedule.batch_size, warmup=min(50, max(1, steps // 10)))
+                  lr=schedule.lr, batch_size=schedule.batch_size, warmup=min(50, max(1, steps // 10)),
+                  desc=f"demo family: ft_{name}")
             finetunes.append(save_model(model, root / f"ft_{name}"))
     for stale in root.glob("ft_*"):  # fine-tunes of an earlier build with other skills
         if stale.name not in {p.name for p in finetunes} and (stale / "config.json").is_file():

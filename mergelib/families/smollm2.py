@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mergelib.errors import InputModelError
 from mergelib.families.demo import FAMILY_FILE, lr_at, torch_threads
@@ -117,7 +118,7 @@ def finetune(model, tokenizer, stream: Iterator[Example], schedule: LoraSchedule
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=0.0)
     peft_model.train()
     losses: list[float] = []
-    for step in range(schedule.steps):
+    for step in tqdm(range(schedule.steps), desc="smollm2: LoRA fine-tune", unit="step", disable=None, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, schedule.steps, schedule.lr, schedule.warmup)
         ids, labels = batch_tensors(tokenizer, [next(stream) for _ in range(schedule.batch_size)])

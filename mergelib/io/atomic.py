@@ -53,9 +53,34 @@ def stale_staging_dirs(out_dir: Path, keep: Path) -> list[Path]:
     return [p for p in out_dir.parent.glob(f".{out_dir.name}.partial-*") if p.resolve() != Path(keep).resolve()]
 
 
+def user_umask() -> int:
+    """The process's umask, read without changing it (/proc; elsewhere by setting and restoring it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_the_user(root: Path) -> None:
+    """Give `root` and everything under it the modes the user's umask gives new files and directories: temporary
+    directories (mkdtemp) and some writers (safetensors) create them owner-only."""
+    mask = user_umask()
+    for path in (Path(root), *Path(root).rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def commit_dir(staged: Path, out_dir: Path) -> None:
-    """Move a finished staging directory into place, replacing a previous mergelib output."""
+    """Move a finished staging directory into place (its modes as the user's umask says), replacing a previous
+    mergelib output."""
     out_dir = Path(out_dir).resolve()
+    share_like_the_user(staged)
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"

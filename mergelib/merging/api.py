@@ -60,6 +60,17 @@ def library_versions() -> dict[str, str]:
     return package_versions(MERGE_LIBRARIES)
 
 
+KERNEL_MEMORY = 64 << 20  # numba's compiled kernels and LLVM, loaded by the first merge (measured: ~66 MB)
+
+
+def estimated_peak_rss(plan: MergePlan, threads: int) -> int:
+    """What the merging process will hold at its peak: what it holds now (interpreter, torch, the plan), the
+    compiled kernels it loads, and the merge's working memory (`MergePlan.peak_memory`)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss + KERNEL_MEMORY + plan.peak_memory(threads)
+
+
 def plan_merge(
     recipe: MergeRecipe | dict | str | Path,
     *,
@@ -71,6 +82,8 @@ def plan_merge(
     unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Validate a recipe and plan every output tensor without reading weights."""
+    if out_shard_size < 1:
+        raise OutputError(f"out_shard_size: {out_shard_size} bytes; a shard needs at least 1 byte (e.g. 5GB)")
     return build_plan(
         load_recipe(recipe),
         out_shard_size=out_shard_size,
