@@ -18,7 +18,7 @@ def run(config, tracker) -> str:
                              run_id=tracker.run_id if tracker.client is not None else None,
                              tracking_uri=tracking_uri())
     tracker.log_artifact(f"{p.publish}/manifest.json", "publish")
-    tracker.log_artifact(f"{p.publish}/README.md", "publish")
+    tracker.log_markdown(f"{p.publish}/README.md", "publish", "README.md")  # without the Hub's YAML header
     n = len(manifest["files"])
     if pub.target == "none":
         return (f"dry run (publish=none): would upload {n} files to {manifest['repo_id']} and tag {manifest['tag']}; "

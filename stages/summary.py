@@ -31,7 +31,8 @@ def rows(config) -> list[tuple[str, str, str]]:
     p = config.paths
     lock = _json(p.lock).get("models", [])
     pins = ", ".join(m["ref"].split("/")[-1] + (f"@{m['revision'][:8]}" if m.get("revision") else "") for m in lock)
-    merged = _json(f"{p.reports}/merge.json").get("merge", {})
+    run_record = _json(f"{p.merged}/mergelib_run.json").get("output", {})  # tensors; merge.json: the timings
+    merged = {**run_record, **_json(f"{p.reports}/merge.json").get("merge", {})}
     tok = _json(f"{p.tokenizer}/tokenizer_report.json")
     doc = _json(f"{p.reports}/metrics.json")
     exports = _json(f"{p.reports}/export.json").get("export", {})
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repro_seconds is not None:
         print(f"\ndvc repro took {args.repro_seconds:.0f} s")
     print(f"MLflow: {tracking_uri()}  (browse: mlflow ui --backend-store-uri {tracking_uri()})")
-    print(f"Reports: {config.paths.reports}/eval_table.md, accuracy.png; `dvc plots show` draws skill_accuracy.csv")
+    print(f"Reports: {config.paths.reports}/eval_table.md, accuracy.png "
+          "(`dvc plots show` puts it in dvc_plots/index.html)")
     print("Compare experiments: dvc exp run -S method=ties -S density=0.5 -S weight=1.0 && dvc exp show")
     return 0
 

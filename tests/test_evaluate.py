@@ -159,3 +159,21 @@ def test_lm_eval_task_names_are_checked_against_its_index():
     with pytest.raises(ev.EvalTaskError) as err:
         ev.resolve_tasks(["hellaswagg"])
     assert "\n" not in str(err.value) and "did you mean 'hellaswag'" in str(err.value)
+
+
+def test_the_chart_is_titled_with_the_method_and_its_parameters(tmp_path):
+    from mergelib.pipeline.eval_step import merge_label
+
+    (tmp_path / "mergelib_run.json").write_text(json.dumps({"recipe": {
+        "merge_method": "ties", "parameters": {"density": 0.5, "normalize": True},
+        "models": [{"model": "a", "parameters": {"weight": 0.7}}, {"model": "b", "parameters": {"weight": 0.3}}]}}))
+    assert merge_label(tmp_path) == "ties density=0.5 normalize=True weights=0.7/0.3"
+    assert merge_label(tmp_path / "absent") is None
+
+
+def test_the_dvc_metric_holds_the_merge_s_scores_only():
+    from mergelib.pipeline.eval_step import merge_scores
+
+    document = {"merged": {"demo_add": {"exact_match": 0.7, "samples": 200}, "demo_ppl": {"bits_per_byte": 7.3}},
+                "parents": {"base": {"demo_add": {"exact_match": 0.01}}}}
+    assert merge_scores(document) == {"demo_add": 0.7, "demo_ppl_bpb": 7.3}

@@ -124,3 +124,25 @@ def test_git_commit(tmp_path):
     assert tracking.git_commit(tmp_path) == head
     (tmp_path / "f").write_text("2")
     assert tracking.git_commit(tmp_path) == head + "-dirty"
+
+
+def test_the_experiment_opens_on_its_runs_and_cards_render(store, tmp_path):
+    """MLflow 3 opens an experiment of no kind on an empty GenAI Traces page, and shows a card's YAML front matter
+    as a garbled list; the experiment is marked model development, the card logged without its header."""
+    card = tmp_path / "README.md"
+    card.write_text("---\nlibrary_name: transformers\ntags:\n- merge\n---\n\n# merged-model\n\nBody.\n")
+    with tracking.stage_run("merge", {"k": 1}) as run:
+        run.log_markdown(card, "merged", "README.md")
+    experiment = store.get_experiment(store.get_run(run.run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    local = store.download_artifacts(run.run_id, "merged/README.md", str(tmp_path / "dl"))
+    assert open(local).read() == "# merged-model\n\nBody.\n"
+    assert tracking.strip_front_matter("# no header\n") == "# no header\n"
+
+
+def test_an_experiment_made_before_the_tag_gets_it(store):
+    store.create_experiment("mergelib")
+    with tracking.stage_run("fetch", {"k": 1}) as run:
+        pass
+    assert store.get_experiment(store.get_run(run.run_id).info.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"

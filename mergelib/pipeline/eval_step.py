@@ -8,11 +8,15 @@ results are cached by content under $MERGELIB_CACHE/eval, so a family is scored 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mergelib.pipeline.outputs import write_json
+
+SCORES = "scores.json"  # the evaluate stage's DVC metric (merge_scores)
 SKILL_ROWS = "skill_accuracy.csv"  # model, task, label, accuracy: the DVC bar plot of accuracy per model and task
 
 
@@ -33,11 +37,26 @@ def family_labels(refs: tuple[str, ...], lock: Mapping[str, Any]) -> dict[str, P
     return out
 
 
+def merge_label(merged_dir: str | Path) -> str | None:
+    """`method key=value ...` from the merge's run record (its top-level scalar parameters), for chart titles;
+    None for a model mergelib did not write."""
+    path = Path(merged_dir) / "mergelib_run.json"
+    if not path.is_file():
+        return None
+    recipe = json.loads(path.read_text()).get("recipe", {})
+    params = {k: v for k, v in (recipe.get("parameters") or {}).items() if isinstance(v, (int, float, str, bool))}
+    models = recipe.get("models") or []
+    weights = [m.get("parameters", {}).get("weight") for m in models]
+    if all(isinstance(w, (int, float)) for w in weights) and weights and "weight" not in params:
+        params["weights"] = "/".join(f"{w:g}" for w in weights)
+    return " ".join([recipe.get("merge_method", "?"), *(f"{k}={v}" for k, v in sorted(params.items()))])
+
+
 def evaluate_merge(merged_dir: str | Path, parents: Mapping[str, Path], eval_config, reports_dir: str | Path,
                    *, seed: int = 0) -> dict[str, Any]:
     """Score the merge (and the parents unless eval.parents is off), write the reports into `reports_dir`
-    (metrics.json, eval_table.md, eval_scores.csv, eval_samples.json, accuracy.png, skill_accuracy.csv) and
-    return the metrics document (what metrics.json holds)."""
+    (metrics.json, scores.json, eval_table.md, eval_scores.csv, eval_samples.json, accuracy.png,
+    skill_accuracy.csv) and return the metrics document (what metrics.json holds)."""
     from mergelib.pipeline.evaluate import evaluate_family
     from mergelib.pipeline.reports import load_metrics, write_reports
 
@@ -46,10 +65,23 @@ def evaluate_merge(merged_dir: str | Path, parents: Mapping[str, Path], eval_con
         cache_dir=eval_cache_dir(), limit=eval_config.limit, batch_size=eval_config.batch_size,
         threads=eval_config.threads, seed=seed,
     )
-    paths = write_reports(results, reports_dir)
+    paths = write_reports(results, reports_dir, merge_label=merge_label(merged_dir))
     document = load_metrics(paths["metrics"])
     write_skill_rows(document, Path(reports_dir) / SKILL_ROWS)
+    write_json(Path(reports_dir) / SCORES, merge_scores(document))
     return document
+
+
+def merge_scores(document: Mapping[str, Any]) -> dict[str, float]:
+    """The merge's headline number per task (exact match, else bits per byte as `<task>_bpb`): the DVC metric
+    `dvc exp show` compares, without the parents' columns."""
+    out = {}
+    for task, metrics in sorted(_models(document).get("merged", {}).items()):
+        if "exact_match" in metrics:
+            out[task] = metrics["exact_match"]
+        elif "bits_per_byte" in metrics:
+            out[f"{task}_bpb"] = metrics["bits_per_byte"]
+    return out
 
 
 def _models(document: Mapping[str, Any]) -> dict[str, Mapping[str, Mapping[str, float]]]:

@@ -46,9 +46,11 @@ def _rounded(value: float | int) -> float | int:
     return value if isinstance(value, int) else round(float(value), DIGITS)
 
 
-def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_reports(results: Mapping[str, Any], out_dir: str | Path,
+                  merge_label: str | None = None) -> dict[str, Path]:
     """Write `metrics.json`, `eval_table.md`, `eval_scores.csv`, `eval_samples.json` and `accuracy.png` into
-    `out_dir` for an `evaluate_family` (or `evaluate_model`) result; returns name -> path."""
+    `out_dir` for an `evaluate_family` (or `evaluate_model`) result; returns name -> path. `merge_label` (the
+    method and its parameters) titles the chart."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = model_metrics(results)
@@ -73,7 +75,8 @@ def write_reports(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, 
     paths["samples"] = out_dir / "eval_samples.json"
     paths["samples"].write_text(json.dumps(merged.get("examples", {}), indent=2, sort_keys=True) + "\n")
     paths["plot"] = out_dir / "accuracy.png"
-    plot_models(table, tasks, paths["plot"])
+    title = f"merged ({merge_label}) vs its parents" if merge_label else "merged model vs its parents"
+    plot_models(table, tasks, paths["plot"], title=title)
     return paths
 
 

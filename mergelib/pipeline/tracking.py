@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "mergelib"
+# MLflow 3 opens an experiment without a kind on its GenAI "Traces" page; runs of model development open the list
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 BATCH = 100  # MLflow's limit on params per log_batch call
 
@@ -118,6 +120,14 @@ class StageRun:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_markdown(self, path: str | Path, artifact_path: str, name: str) -> None:
+        """Log a markdown file without its YAML front matter (the Hub's metadata block), which MLflow's viewer
+        shows as a garbled list, as `artifact_path/name`."""
+        path = Path(path)
+        if self.client is None or not path.is_file():
+            return
+        self.client.log_text(self.run_id, strip_front_matter(path.read_text()), f"{artifact_path}/{name}")
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file (or a directory's files) into the run's artifacts."""
         path = Path(path)
@@ -134,13 +144,18 @@ def _experiment_id(client, root: Path) -> str:
 
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # another stage process created it first
-        return client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+        except MlflowException:  # another stage process created it first
+            found = client.get_experiment_by_name(name)
+        else:
+            return experiment_id
+    for key, value in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def _parent_run(client, experiment_id: str, group: str, tags: Mapping[str, str],
@@ -209,3 +224,12 @@ def latest_stage_runs(stages: tuple[str, ...]) -> dict[str, str]:
         if runs:
             out[stage] = runs[0].info.run_id
     return out
+
+
+def strip_front_matter(text: str) -> str:
+    """Markdown without a leading `---` YAML block."""
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        if end != -1:
+            return text[end + 5:].lstrip("\n")
+    return text
