@@ -31,8 +31,9 @@ def rows(config) -> list[tuple[str, str, str]]:
     p = config.paths
     lock = _json(p.lock).get("models", [])
     pins = ", ".join(m["ref"].split("/")[-1] + (f"@{m['revision'][:8]}" if m.get("revision") else "") for m in lock)
-    run_record = _json(f"{p.merged}/mergelib_run.json").get("output", {})  # tensors; merge.json: the timings
-    merged = {**run_record, **_json(f"{p.reports}/merge.json").get("merge", {})}
+    timing = _json(f"{p.reports}/merge.json")
+    merged = {**_json(f"{p.merged}/mergelib_run.json").get("output", {}),  # tensors; merge.json: the timings
+              "seconds": timing.get("merge_s", "?"), "peak_rss_mb": timing.get("rss_mb", "?")}
     tok = _json(f"{p.tokenizer}/tokenizer_report.json")
     doc = _json(f"{p.reports}/metrics.json")
     exports = _json(f"{p.reports}/export.json").get("export", {})

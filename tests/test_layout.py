@@ -82,3 +82,13 @@ def test_readme_file_map_is_current_and_lists_every_module():
         rel = path.relative_to(REPO)
         shown = f"{rel.parent}/" if path.name == "__init__.py" else str(rel)
         assert f"| `{shown}` |" in readme, f"README file map misses {shown}"
+
+
+def test_readme_figures_are_rendered_from_the_recorded_measurements():
+    """Every measured table of the README sits in a figures block equal to what docs/figures/<name>.json renders
+    (tools/readme_figures.py), so a number cannot be edited by hand or go stale against its record."""
+    proc = subprocess.run([sys.executable, "tools/readme_figures.py", "--check"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("<!-- figures:") == len(list((REPO / "docs" / "figures").glob("*.json"))) >= 2

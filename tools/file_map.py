@@ -21,6 +21,7 @@ FILES = {  # paths that are not Python modules, in the order shown
     "dvc.yaml, params.yaml, conf/": "the pipeline, its composed parameters, the Hydra config groups",
     "mergelib/arch/specs/*.json": "tensor-name templates of the architecture families",
     "mergelib/pipeline/eval_tasks/": "lm-eval task YAMLs and held-out jsonl of the demo skills",
+    "docs/figures/*.json": "the measurements the README's tables are rendered from (`make readme-figures`)",
     "tests/": "mirrors the package; `tests/methods/` one file per method; `tests/stages/` real stage subprocesses",
 }
 PREAMBLE = """The package root holds only the public API (`__init__`), `__main__`, the CLI and the user-facing errors;

@@ -1,0 +1,116 @@
+"""The README's measured figures, so they cannot go stale: `--record demo|sweep` copies what the last run measured
+(reports/ after `make demo`; reports/method_comparison.csv after `python -m stages.sweep`) into
+docs/figures/<name>.json with the library versions it ran under; with no argument (`make readme-figures`) every
+figures block of README.md is re-rendered from those files; `--check` exits 1 when a block differs from its file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = REPO / "docs" / "figures"
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "lm_eval")
+TASKS = {"demo_add": "add", "demo_rev": "rev", "demo_ppl": "bits/byte"}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _headline(metrics: dict) -> float | None:
+    value = metrics.get("exact_match", metrics.get("bits_per_byte"))
+    return None if value is None else round(float(value), 3)
+
+
+def record_demo() -> dict:
+    """The demo's scores per model and task, from reports/metrics.json."""
+    document = json.loads((REPO / "reports" / "metrics.json").read_text())
+    rows = [[label, {t: _headline(m) for t, m in tasks.items()}] for label, tasks in document["parents"].items()]
+    rows.append(["merged", {t: _headline(m) for t, m in document["merged"].items()}])
+    merge = json.loads((REPO / "outputs" / "merged" / "mergelib_run.json").read_text())["recipe"]
+    return {"rows": rows, "merge": {"method": merge["merge_method"], "parameters": merge.get("parameters", {})}}
+
+
+def record_sweep() -> dict:
+    """Every merge of the method sweep, from reports/method_comparison.csv."""
+    rows: dict[str, dict[str, float]] = {}  # parents first, then the merges in sweep order (the file's order)
+    with open(REPO / "reports" / "method_comparison.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["metric"] in ("exact_match", "bits_per_byte"):
+                rows.setdefault(row["model"], {})[row["task"]] = round(float(row["value"]), 3)
+    return {"rows": [[label, scores] for label, scores in rows.items()]}
+
+
+def _table(rows: list[list], bold: str | None = None) -> str:
+    """A markdown table of [label, {task: value}] rows, one column per known task present."""
+    tasks = [t for t in TASKS if any(t in scores for _, scores in rows)]
+    lines = ["| model | " + " | ".join(TASKS[t] for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for label, scores in rows:
+        cells = [f"{scores[t]:.3f}" if scores.get(t) is not None else "-" for t in tasks]
+        if label == bold:
+            label, cells = f"**{label}**", [f"**{c}**" for c in cells]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(name: str, data: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in data["libraries"].items())
+    if name == "demo":
+        params = " ".join(f"{k}={v}" for k, v in sorted(data["merge"]["parameters"].items()))
+        text = (f"Default merge: {data['merge']['method']} {params}; exact match on 200 held-out prompts per skill, "
+                "bits per byte on held-out text (lower is better).\n\n" + _table(data["rows"], bold="merged"))
+    elif name == "sweep":
+        text = _table(data["rows"])
+    else:
+        raise SystemExit(f"docs/figures/{name}.json: no renderer for '{name}'")
+    return f"{text}\n\n<sub>Measured with {versions} (`python tools/readme_figures.py --record {name}`).</sub>\n"
+
+
+def rendered_readme() -> str:
+    text = (REPO / "README.md").read_text()
+
+    def fill(match: re.Match) -> str:
+        path = FIGURES / f"{match['name']}.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; run `python tools/readme_figures.py --record {match['name']}`")
+        return match.group(1) + render(match["name"], json.loads(path.read_text())) + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str]) -> int:
+    if "--record" in argv:
+        name = argv[argv.index("--record") + 1]
+        recorders = {"demo": record_demo, "sweep": record_sweep}
+        if name not in recorders:
+            print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
+            return 2
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        data = {**recorders[name](), "libraries": _versions()}
+        (FIGURES / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    new = rendered_readme()
+    if "--check" in argv:
+        if new != (REPO / "README.md").read_text():
+            print("README.md: a figures block differs from docs/figures/; run `make readme-figures`", file=sys.stderr)
+            return 1
+        return 0
+    (REPO / "README.md").write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
