@@ -74,3 +74,11 @@ def test_random_conf_overrides_give_one_line_config_errors(overrides):
         compose(overrides, conf_dir=Path(__file__).resolve().parents[1] / "conf")
     except ConfigError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+def test_a_checkpoint_given_as_a_recipe_is_refused_before_it_is_read(tmp_path):
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as handle:
+        handle.truncate(20 << 20)  # sparse: 20 MB without writing them
+    with pytest.raises(MergelibError, match=r"model.safetensors: 21 MB is too large for the recipe"):
+        load_recipe(big)

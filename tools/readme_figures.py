@@ -1,7 +1,8 @@
-"""The README's measured figures, so they cannot go stale: `--record demo|sweep` copies what the last run measured
-(reports/ after `make demo`; reports/method_comparison.csv after `python -m stages.sweep`) into
-docs/figures/<name>.json with the library versions it ran under; with no argument (`make readme-figures`) every
-figures block of README.md is re-rendered from those files; `--check` exits 1 when a block differs from its file.
+"""The README's measured figures, so they cannot go stale: `--record demo|sweep|bench` copies what the last run
+measured (reports/ after `make demo`; reports/method_comparison.csv after `python -m stages.sweep`;
+reports/bench.json after `make bench`) into docs/figures/<name>.json with the library versions it ran under; with
+no argument (`make readme-figures`) every figures block of README.md is re-rendered from those files; `--check`
+exits 1 when a block differs from its file.
 """
 
 from __future__ import annotations
@@ -17,18 +18,6 @@ FIGURES = REPO / "docs" / "figures"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
 LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "lm_eval")
 TASKS = {"demo_add": "add", "demo_rev": "rev", "demo_ppl": "bits/byte"}
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _headline(metrics: dict) -> float | None:
@@ -55,6 +44,20 @@ def record_sweep() -> dict:
     return {"rows": [[label, scores] for label, scores in rows.items()]}
 
 
+def record_bench() -> dict:
+    """Merge time and memory against the IO floor, from reports/bench.json (`make bench`)."""
+    return {"rows": json.loads((REPO / "reports" / "bench.json").read_text())}
+
+
+def _bench_table(rows: list[dict]) -> str:
+    lines = ["| family | case | merge s | IO floor s | merge / floor | merge peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['case']} | {r['merge_s']} | {r['floor_s']} | {r['ratio']}x | "
+                     f"{r['merge_peak_rss_mb']} |")
+    return "\n".join(lines)
+
+
 def _table(rows: list[list], bold: str | None = None) -> str:
     """A markdown table of [label, {task: value}] rows, one column per known task present."""
     tasks = [t for t in TASKS if any(t in scores for _, scores in rows)]
@@ -75,6 +78,8 @@ def render(name: str, data: dict) -> str:
                 "bits per byte on held-out text (lower is better).\n\n" + _table(data["rows"], bold="merged"))
     elif name == "sweep":
         text = _table(data["rows"])
+    elif name.startswith("bench"):
+        text = _bench_table(data["rows"])
     else:
         raise SystemExit(f"docs/figures/{name}.json: no renderer for '{name}'")
     return f"{text}\n\n<sub>Measured with {versions} (`python tools/readme_figures.py --record {name}`).</sub>\n"
@@ -95,12 +100,14 @@ def rendered_readme() -> str:
 def main(argv: list[str]) -> int:
     if "--record" in argv:
         name = argv[argv.index("--record") + 1]
-        recorders = {"demo": record_demo, "sweep": record_sweep}
+        recorders = {"demo": record_demo, "sweep": record_sweep, "bench": record_bench}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2
         FIGURES.mkdir(parents=True, exist_ok=True)
-        data = {**recorders[name](), "libraries": _versions()}
+        from mergelib.merging.versions import package_versions
+
+        data = {**recorders[name](), "libraries": package_versions(LIBRARIES)}
         (FIGURES / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     new = rendered_readme()
     if "--check" in argv:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mergelib.config.textfile import read_text, yaml_documents
+from mergelib.config.textfile import CONFIG_LIMIT, read_text, yaml_documents
 from mergelib.errors import ConfigError, did_you_mean
 
 CONFIG_NAME = "config"
@@ -124,8 +124,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
             f"{path}: cannot read it (No such file or directory); run from the repository root, "
             "or regenerate it with `python -m mergelib.config.compose`"
         )
-    docs = yaml_documents(read_text(path, "params.yaml", ConfigError), f"{path} (regenerate it from conf/)",
-                          ConfigError)
+    text = read_text(path, "params.yaml", ConfigError, CONFIG_LIMIT)
+    docs = yaml_documents(text, f"{path} (regenerate it from conf/)", ConfigError)
     data = docs[0] if len(docs) == 1 else None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping; regenerate it with `python -m mergelib.config.compose`")

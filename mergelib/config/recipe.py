@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from mergelib.config.textfile import looks_like_path, read_text, yaml_documents
+from mergelib.config.textfile import CONFIG_LIMIT, looks_like_path, read_text, yaml_documents
 from mergelib.errors import RecipeError, did_you_mean
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -290,7 +290,7 @@ def _documents(source: str | Path | dict) -> tuple[str, list]:
     label = "recipe"
     if isinstance(source, Path) or (isinstance(source, str) and looks_like_path(source)):
         label = str(source)
-        source = read_text(source, "the recipe", RecipeError)
+        source = read_text(source, "the recipe", RecipeError, CONFIG_LIMIT)
     if not isinstance(source, str):
         return label, [source]
     return label, yaml_documents(source, label, RecipeError)

@@ -12,13 +12,22 @@ import yaml
 
 from mergelib.errors import MergelibError
 
+CONFIG_LIMIT = 16 << 20  # a recipe, MoE config or params.yaml past this is not one (a checkpoint given by mistake)
+JSON_LIMIT = 512 << 20  # tokenizer.json of the largest vocabularies is tens of MB
 
-def read_text(path: str | Path, what: str, error: type[MergelibError] = MergelibError) -> str:
-    """The UTF-8 text of file `path`; `what` names it in errors ("the recipe", "the lock file")."""
+
+def read_text(path: str | Path, what: str, error: type[MergelibError] = MergelibError,
+              limit: int = JSON_LIMIT) -> str:
+    """The UTF-8 text of file `path`; `what` names it in errors ("the recipe", "the lock file"). A file larger
+    than `limit` bytes is refused before it is read."""
     path = Path(path)
     if path.is_dir():
         raise error(f"{path}: is a directory; give the path of {what} file")
     try:
+        size = path.stat().st_size
+        if size > limit:
+            raise error(f"{path}: {size / 1e6:.0f} MB is too large for {what} (a text file of at most "
+                        f"{limit >> 20} MiB); check the path")
         data = path.read_bytes()
     except OSError as exc:
         raise error(f"{path}: cannot read {what} ({exc.strerror}); check the path") from None

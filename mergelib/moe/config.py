@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelib.config.recipe import DType, ModelRef
-from mergelib.config.textfile import read_text, yaml_documents
+from mergelib.config.textfile import CONFIG_LIMIT, read_text, yaml_documents
 from mergelib.errors import RecipeError, did_you_mean
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
@@ -136,7 +136,7 @@ def load_moe_config(source: str | Path | dict | MoEConfig) -> MoEConfig:
     label = "moe config"
     if isinstance(source, (str, Path)):
         label = str(source)
-        docs = yaml_documents(read_text(source, "the MoE config", RecipeError), label, RecipeError)
+        docs = yaml_documents(read_text(source, "the MoE config", RecipeError, CONFIG_LIMIT), label, RecipeError)
         if len(docs) > 1:
             raise RecipeError(f"{label}: expected one YAML document with an MoE config, found {len(docs)}")
         source = docs[0] if docs else None

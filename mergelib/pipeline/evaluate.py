@@ -1,7 +1,7 @@
 """Evaluate a model with lm-evaluation-harness (`lm_eval.simple_evaluate`, HF backend), fully offline.
 
-Tasks are the YAMLs shipped in `mergelib/pipeline/eval_tasks/` (demo skills, exact match; `demo_ppl`, rolling perplexity),
-passed to lm-eval as dicts with absolute data paths, or any lm-eval task name whose data is available.
+Tasks are the YAMLs shipped in `mergelib/pipeline/eval_tasks/` (demo skills, exact match; `demo_ppl`, rolling
+perplexity), passed to lm-eval as dicts with absolute data paths, or any lm-eval task name whose data is available.
 https://github.com/EleutherAI/lm-evaluation-harness (v0.4.13)
 """
 
