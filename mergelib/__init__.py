@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_recipe": "mergelib.config.recipe",
     "load_recipes": "mergelib.config.recipe",
     "merge_multi": "mergelib.merging.multi",
+    "merge_state_dicts": "mergelib.merging.in_memory",
     "build_moe": "mergelib.moe.build",
     "extract_lora": "mergelib.lora.extract",
     "apply_lora": "mergelib.lora.apply",
