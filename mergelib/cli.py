@@ -176,6 +176,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             print(f"  {job.name}  {list(job.shape)} {str(job.dtype).removeprefix('torch.')}  <- {who}")
         for note in plan.notes:
             print(f"note: {note}")
+        for model, name, why in plan.left_out:
+            print(f"left out: {model}: {name} ({why})")
         print(f"read {_human(plan.bytes_read)}, write {_human(plan.bytes_written)}, "
               f"estimated peak memory {_human(estimated_peak_rss(plan, threads))} ({threads} threads; merge work "
               f"{_human(plan.peak_memory(threads))}, the rest is this process and its compiled kernels)")

@@ -253,3 +253,15 @@ def test_dry_run_memory_estimate_counts_what_the_process_holds(tiny_family, tmp_
                                          ("--memory-budget", "0kB"), ("--threads", "0")])
 def test_nonsense_sizes_are_one_line_errors(tmp_path, flag, value):
     assert_one_line_error(run("merge", "a.yml", str(tmp_path / "out"), flag, value), value)
+
+
+def test_dry_run_lists_what_is_left_out(tiny_family, tmp_path):
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tiny_family.base), "layer_range": [0, 3]}]}]}
+    proc = run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"left out: {tiny_family.base}: model.layers.3.mlp.down_proj.weight (layer 3 is in no slice)" in proc.stdout
+    proc = run("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "mergelib_run.json").read_text())
+    assert {"model": str(tiny_family.base), "tensor": "model.layers.3.mlp.down_proj.weight",
+            "why": "layer 3 is in no slice"} in record["left_out"]

@@ -101,3 +101,47 @@ def test_tied_embeddings_stay_tied_and_mixed_ties_untie(tmp_path):
     b = {k: v for p in untied.glob("*.safetensors") for k, v in load_file(p).items()}
     want = 0.5 * a["model.embed_tokens.weight"] + 0.5 * b["lm_head.weight"]  # the tied model's head is its embedding
     torch.testing.assert_close(merged["lm_head.weight"], want)
+
+
+def every_input_tensor(plan):
+    return {(m.label, name) for m in plan.models for name in m.index.tensors}
+
+
+@pytest.mark.parametrize("kind", ["models", "frankenmerge", "unknown tensor"])
+def test_every_input_tensor_is_merged_or_listed_as_left_out(tiny_family, tmp_path, kind):
+    """Nothing is dropped silently: each input tensor feeds an output tensor or is in plan.left_out with why,
+    which --dry-run prints and mergelib_run.json keeps."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ft1, ft2 = tiny_family.base, *tiny_family.finetunes
+    if kind == "unknown tensor":
+        ft2 = tmp_path / "ft2"
+        shutil.copytree(tiny_family.finetunes[1], ft2)
+        shard = sorted(ft2.glob("*.safetensors"))[0]
+        tensors = load_file(shard)
+        tensors["model.rotary_emb.inv_freq"] = torch.ones(8)
+        save_file(tensors, shard, metadata={"format": "pt"})
+        index = json.loads((ft2 / "model.safetensors.index.json").read_text())
+        index["weight_map"]["model.rotary_emb.inv_freq"] = shard.name
+        (ft2 / "model.safetensors.index.json").write_text(json.dumps(index))
+    if kind == "frankenmerge":
+        recipe = {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(ft1), "layer_range": [1, 4]}]}]}
+    else:
+        recipe = {"merge_method": "ties", "base_model": str(base), "models": [
+            {"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in (ft1, ft2)]}
+    plan = plan_merge(recipe)
+    read = {(plan.models[s.model].label, s.name) for job in plan.jobs for s in job.inputs}
+    left = {(m, t): why for m, t, why in plan.left_out}
+    assert read | set(left) == every_input_tensor(plan) and not read & set(left)
+    if kind == "models":
+        assert left == {}
+    elif kind == "frankenmerge":
+        assert left[(str(base), "model.layers.2.self_attn.q_proj.weight")] == "layer 2 is in no slice"
+        assert left[(str(ft1), "model.layers.0.mlp.up_proj.weight")] == "layer 0 is in no slice"
+        assert left[(str(ft1), "model.embed_tokens.weight")] == "its place in the output comes from another input"
+    else:
+        assert left == {(str(ft2), "model.rotary_emb.inv_freq"): "unknown to the llama architecture spec"}

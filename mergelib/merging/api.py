@@ -211,6 +211,7 @@ def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, s
         ],
         "output": {"shards": list(plan.shards), "tensors": len(plan.jobs), "bytes": plan.bytes_written},
         "ignored_params": plan.ignored_params,
+        "left_out": [{"model": m, "tensor": t, "why": w} for m, t, w in plan.left_out],
         "versions": versions,
     }
     (staged / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

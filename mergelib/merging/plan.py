@@ -131,6 +131,7 @@ class MergePlan:
     allow_nan: bool = False  # merge inputs holding NaN/Inf instead of stopping at the first
     tokenizer: TokenizerPlan | None = None  # output vocabulary, when the recipe assembles one
     ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
+    left_out: tuple[tuple[str, str, str], ...] = ()  # (model, tensor, why) for every input tensor not merged
 
     @property
     def bytes_read(self) -> int:

@@ -56,8 +56,35 @@ def build_plan(
     shards = pack_shards([TensorSlot(j.name, j.shape, j.dtype) for j in jobs], out_shard_size)
     return MergePlan(
         recipe, method, tuple(models), tuple(jobs), shards, config, planner.working, reference, tuple(notes),
-        allow_nan, tokenizer, ignored_parameters(recipe),
+        allow_nan, tokenizer, ignored_parameters(recipe), left_out(models, jobs, slices),
     )
+
+
+def left_out(models: list[InputModel], jobs: list, slices: list[Slice]) -> tuple[tuple[str, str, str], ...]:
+    """Every input tensor that no output tensor reads, with why: so nothing is dropped without being said
+    (`--dry-run` lists them, the run record keeps them)."""
+    read = {(s.model, s.name) for job in jobs for s in job.inputs}
+    written = {job.name for job in jobs}
+    used_layers: dict[int, set[int]] = {}
+    for piece in slices:
+        for src in ([piece.base] if piece.base else []) + list(piece.sources):
+            used_layers.setdefault(src.model, set()).update(range(src.start, src.end))
+    out = []
+    for i, model in enumerate(models):
+        for name in model.index.tensors:
+            if (i, name) in read:
+                continue
+            layer = model.spec.layer_of(name)
+            if layer is not None and layer not in used_layers.get(i, set()):
+                why = f"layer {layer} is in no slice"
+            elif _is_known(model.spec, name):
+                tied = _is_head(model.spec, name) and name not in written
+                why = ("the output ties it to the embeddings" if tied
+                       else "its place in the output comes from another input")
+            else:
+                why = f"unknown to the {model.spec.family} architecture spec"
+            out.append((model.label, name, why))
+    return tuple(out)
 
 
 def _plan_tensors(planner: TensorPlanner, spec: ArchSpec, slices: list[Slice]) -> list[tuple[int, int]]:
@@ -112,6 +139,10 @@ def _plan_tokenizer(recipe: MergeRecipe, models: list[InputModel], spec: ArchSpe
     )
     return plan_tokenizer({m.label: m.path for m in models}, base, recipe.tokenizer, recipe.tokenizer_source,
                           recipe.chat_template, sizes)
+
+
+def _is_head(spec: ArchSpec, name: str) -> bool:
+    return any(w.tied_to and (name == w.name or name in w.aliases) for w in spec.post_weights)
 
 
 def _is_known(spec: ArchSpec, name: str) -> bool:
