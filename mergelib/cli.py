@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed for randomized methods (default 0)")
     m.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="max bytes per shard (5GB)")
     m.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="output dtype (overrides out_dtype)")
-    m.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel (default 2)")
+    m.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel (default: the cores available)")
     m.add_argument("--memory-budget", type=parse_size, default=None, help="working-memory cap (default: half of free RAM)")
     m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy the base (or first) model's tokenizer files (default on)")
@@ -153,7 +153,7 @@ def cmd_methods() -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from mergelib.config.recipe import load_recipes
-    from mergelib.merging.api import estimated_peak_rss, merge
+    from mergelib.merging.api import default_threads, estimated_peak_rss, merge
 
     recipes = load_recipes(Path(args.config))  # the argument is always a file, whatever its name
     if len(recipes) > 1:
@@ -166,7 +166,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
     )
     plan = result.plan
-    threads = args.threads or 2
+    threads = args.threads or default_threads()
     for name, why in plan.ignored_params.items():
         print(f"mergelib: warning: {plan.method.name} ignores '{name}' (it changes nothing: {why})", file=sys.stderr)
     if args.dry_run:

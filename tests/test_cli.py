@@ -265,3 +265,30 @@ def test_dry_run_lists_what_is_left_out(tiny_family, tmp_path):
     record = json.loads((tmp_path / "out" / "mergelib_run.json").read_text())
     assert {"model": str(tiny_family.base), "tensor": "model.layers.3.mlp.down_proj.weight",
             "why": "layer 3 is in no slice"} in record["left_out"]
+
+
+IMPORTS_OF_A_MERGE = """
+import sys
+from mergelib.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("lm_eval", "transformers", "hydra", "omegaconf", "mlflow", "dvc", "matplotlib", "peft")
+               if m in sys.modules)
+print("HEAVY", code, heavy)
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_a_merge_imports_nothing_it_does_not_use(tiny_family, tmp_path, extra):
+    """lm-eval, transformers, hydra and mlflow are never on the merge path: their import time is not the user's."""
+    recipe = write_recipe(tmp_path, ties_recipe(tiny_family))
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_OF_A_MERGE, "merge", str(recipe), str(tmp_path / "out"),
+                           "--quiet", *extra], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "HEAVY 0 []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_threads_default_to_the_cores():
+    from mergelib.merging.api import default_threads
+
+    assert default_threads() == len(os.sched_getaffinity(0))
+    assert "default: the cores available" in " ".join(run("merge", "--help").stdout.split())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import shutil
 import threading
@@ -58,6 +59,14 @@ class MergeResult:
 def library_versions() -> dict[str, str]:
     """Versions that determine the output bytes."""
     return package_versions(MERGE_LIBRARIES)
+
+
+def default_threads() -> int:
+    """Tensors merged in parallel when the caller does not say: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 KERNEL_MEMORY = 64 << 20  # numba's compiled kernels and LLVM, loaded by the first merge (measured: ~66 MB)
@@ -132,7 +141,7 @@ def merge(
         trust_remote_code=trust_remote_code, allow_nan=allow_nan,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings,
     )
-    threads = threads or 2
+    threads = threads or default_threads()
     if dry_run:
         return MergeResult(out_dir, len(plan.jobs), plan.bytes_read, plan.bytes_written, 0.0, 0, {}, seed,
                            plan.recipe.to_yaml(), plan)
