@@ -1,8 +1,8 @@
-"""The README's measured figures, so they cannot go stale: `--record demo|sweep|bench` copies what the last run
-measured (reports/ after `make demo`; reports/method_comparison.csv after `python -m stages.sweep`;
-reports/bench.json after `make bench`) into docs/figures/<name>.json with the library versions it ran under; with
-no argument (`make readme-figures`) every figures block of README.md is re-rendered from those files; `--check`
-exits 1 when a block differs from its file.
+"""The README's measured figures, so they cannot go stale: `--record NAME` copies what the last run measured into
+docs/figures/NAME.json with the library versions it ran under (demo: reports/ after `make demo`; sweep and smollm2:
+reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
+reports/bench.json after `make bench`). With no argument (`make readme-figures`) every figures block of README.md
+is re-rendered from those files; `--check` exits 1 when a block differs from its file.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def record_sweep() -> dict:
 
 
 def record_bench() -> dict:
-    """Merge time and memory against the IO floor, from reports/bench.json (`make bench`)."""
+    """Merge time and memory against the IO floor, from reports/bench.json (`make bench`, or with
+    `--cases della model_stock --repeat 1` for bench_slow)."""
     return {"rows": json.loads((REPO / "reports" / "bench.json").read_text())}
 
 
@@ -76,7 +77,7 @@ def render(name: str, data: dict) -> str:
         params = " ".join(f"{k}={v}" for k, v in sorted(data["merge"]["parameters"].items()))
         text = (f"Default merge: {data['merge']['method']} {params}; exact match on 200 held-out prompts per skill, "
                 "bits per byte on held-out text (lower is better).\n\n" + _table(data["rows"], bold="merged"))
-    elif name == "sweep":
+    elif name in ("sweep", "smollm2"):
         text = _table(data["rows"])
     elif name.startswith("bench"):
         text = _bench_table(data["rows"])
@@ -100,7 +101,8 @@ def rendered_readme() -> str:
 def main(argv: list[str]) -> int:
     if "--record" in argv:
         name = argv[argv.index("--record") + 1]
-        recorders = {"demo": record_demo, "sweep": record_sweep, "bench": record_bench}
+        recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
+                     "bench_slow": record_bench}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2

@@ -61,6 +61,19 @@ def library_versions() -> dict[str, str]:
     return package_versions(MERGE_LIBRARIES)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, the high-water mark of its own address space.
+    ru_maxrss is not: Linux carries the parent's high-water mark across fork and exec, so a merge started from a
+    large process (a test runner, a notebook) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def default_threads() -> int:
     """Tensors merged in parallel when the caller does not say: the cores this process may run on."""
     try:
@@ -184,7 +197,7 @@ def merge(
         raise
     for stale in stale_staging_dirs(out_dir, staged):
         shutil.rmtree(stale, ignore_errors=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return MergeResult(out_dir, len(plan.jobs), plan.bytes_read, plan.bytes_written,
                        time.perf_counter() - started, peak, hashes, seed, plan.recipe.to_yaml(), plan, reused)
 
