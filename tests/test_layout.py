@@ -90,5 +90,13 @@ def test_readme_figures_are_rendered_from_the_recorded_measurements():
     proc = subprocess.run([sys.executable, "tools/readme_figures.py", "--check"], cwd=REPO, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_figures", REPO / "tools" / "readme_figures.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     readme = (REPO / "README.md").read_text()
-    assert readme.count("<!-- figures:") == len(list((REPO / "docs" / "figures").glob("*.json"))) >= 2
+    blocks = {m["name"]: m["body"] for m in tool.BLOCK.finditer(readme)}
+    assert readme.count("<!-- figures:") == len(blocks)  # every block is one the tool renders
+    assert set(blocks) == {p.stem for p in (REPO / "docs" / "figures").glob("*.json")} and len(blocks) >= 4
+    assert all(body.strip() for body in blocks.values())
