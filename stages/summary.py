@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow: {tracking_uri()}  (browse: mlflow ui --backend-store-uri {tracking_uri()})")
     print(f"Reports: {config.paths.reports}/eval_table.md, accuracy.png "
           "(`dvc plots show` puts it in dvc_plots/index.html)")
-    print("Compare experiments: dvc exp run -S method=ties -S density=0.5 -S weight=1.0 && dvc exp show")
+    print("Compare experiments: commit dvc.lock and reports/ as the baseline, then dvc exp run -S method=ties "
+          "-S density=0.5 and dvc exp show --drop '.*' --keep "
+          "'Experiment|^(method|density|weight)$|demo_(add|rev)$|merge_s|rss_mb'")
     return 0
 
 

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from mergelib.errors import OutputError
+from mergelib.io.process import proc_status
 
 MARKER = "mergelib_run.json"
 
@@ -55,12 +56,9 @@ def stale_staging_dirs(out_dir: Path, keep: Path) -> list[Path]:
 
 def user_umask() -> int:
     """The process's umask, read without changing it (/proc; elsewhere by setting and restoring it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
+    value = proc_status("Umask")
+    if value is not None:
+        return int(value, 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
