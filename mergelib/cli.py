@@ -167,8 +167,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
     plan = result.plan
     threads = args.threads or default_threads()
-    for name, why in plan.ignored_params.items():
-        print(f"mergelib: warning: {plan.method.name} ignores '{name}' (it changes nothing: {why})", file=sys.stderr)
+    for line in plan.ignored_warnings():
+        print(f"mergelib: warning: {line}", file=sys.stderr)
     if args.dry_run:
         print(f"plan: {plan.method.name}, {len(plan.models)} models, {len(plan.jobs)} tensors in {len(plan.shards)} shard(s)")
         for job in plan.jobs:

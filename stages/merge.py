@@ -18,9 +18,8 @@ def run(config, tracker) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in inactive.items())
         print(f"merge: {config.method} does not use {knobs}; left out of the recipe", file=sys.stderr)
     result = merge(config.recipe(refs), config.paths.merged, seed=config.seed, quiet=True)
-    for name, why in result.plan.ignored_params.items():
-        print(f"merge: warning: {result.plan.method.name} ignores '{name}' (it changes nothing: {why})",
-              file=sys.stderr)
+    for line in result.plan.ignored_warnings():
+        print(f"merge: warning: {line}", file=sys.stderr)
     seconds, rss_mb = round(result.seconds, 3), round(result.peak_rss_bytes / 2**20, 1)
     sizes = {"bytes_read": result.bytes_read, "bytes_written": result.bytes_written, "tensors": result.n_tensors}
     # the DVC metric: what runs compare, under short names so `dvc exp show` stays narrow

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from mergelib.errors import OutputError
-from mergelib.io.process import proc_status
+from mergelib.io.process import user_umask
 
 MARKER = "mergelib_run.json"
 
@@ -52,16 +52,6 @@ def stale_staging_dirs(out_dir: Path, keep: Path) -> list[Path]:
     """Staging directories of earlier, different merges into `out_dir` (left by interrupted runs)."""
     out_dir = Path(out_dir).resolve()
     return [p for p in out_dir.parent.glob(f".{out_dir.name}.partial-*") if p.resolve() != Path(keep).resolve()]
-
-
-def user_umask() -> int:
-    """The process's umask, read without changing it (/proc; elsewhere by setting and restoring it)."""
-    value = proc_status("Umask")
-    if value is not None:
-        return int(value, 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def share_like_the_user(root: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import resource
 import shutil
 import threading
 import time
@@ -17,7 +16,7 @@ from mergelib.errors import MergelibError, OutputError
 from mergelib.io.atomic import MARKER, check_output_dir, commit_dir, staging_dir, stale_staging_dirs
 from mergelib.io.hashing import sha256_files
 from mergelib.io.journal import Journal, plan_key
-from mergelib.io.process import proc_status
+from mergelib.io.process import peak_rss
 from mergelib.io.writer import write_index
 from mergelib.merging.card import model_card
 from mergelib.merging.engine import execute
@@ -60,16 +59,6 @@ class MergeResult:
 def library_versions() -> dict[str, str]:
     """Versions that determine the output bytes."""
     return package_versions(MERGE_LIBRARIES)
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes: VmHWM, the high-water mark of its own address space.
-    ru_maxrss is not: Linux carries the parent's high-water mark across fork and exec, so a merge started from a
-    large process (a test runner, a notebook) would report the parent's peak."""
-    value = proc_status("VmHWM")  # "1234 kB"
-    if value is not None:
-        return int(value.split()[0]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def default_threads() -> int:

@@ -133,6 +133,11 @@ class MergePlan:
     ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
     left_out: tuple[tuple[str, str, str], ...] = ()  # (model, tensor, why) for every input tensor not merged
 
+    def ignored_warnings(self) -> list[str]:
+        """One line per parameter the recipe sets that the method accepts and ignores."""
+        return [f"{self.method.name} ignores '{name}' (it changes nothing: {why})"
+                for name, why in self.ignored_params.items()]
+
     @property
     def bytes_read(self) -> int:
         return sum(j.read_bytes for j in self.jobs)

@@ -8,8 +8,6 @@ reads the same commit and checks it reads the same bytes.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from mergelib.errors import InputModelError
 from mergelib.io.hashing import hash_model_dir
 from mergelib.io.hub import is_hub_id, resolve_model
 from mergelib.merging.versions import TRAINING_LIBRARIES, package_versions
-from mergelib.pipeline.outputs import build_dir
+from mergelib.pipeline.outputs import build_dir, write_json
 
 LOCK_NAME = "lock.json"
 LOCK_VERSION = 1
@@ -114,11 +112,8 @@ def _build_demo(models: ModelsConfig, staged: Path) -> dict[str, LockedModel]:
 
 
 def _write_lock(path: Path, models: list[LockedModel]) -> None:
-    body = {"version": LOCK_VERSION, "models": [asdict(m) for m in models],
-            "libraries": package_versions(TRAINING_LIBRARIES)}  # what built or read these bytes
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"version": LOCK_VERSION, "models": [asdict(m) for m in models],
+                      "libraries": package_versions(TRAINING_LIBRARIES)})  # what built or read these bytes
 
 
 def read_lock(path: str | Path) -> dict[str, LockedModel]:
