@@ -25,7 +25,15 @@ from mergelib.families.demo import (
     skill_accuracy,
     torch_threads,
 )
-from mergelib.families.demo_data import SKILLS, Streams, heldout, heldout_keys, write_eval_data
+from mergelib.families.demo_data import (
+    SKILLS,
+    Streams,
+    heldout,
+    heldout_keys,
+    validation,
+    write_eval_data,
+    write_validation_data,
+)
 from mergelib.pipeline.evaluate import DATA_DIR
 
 
@@ -106,6 +114,18 @@ def test_shipped_eval_data_is_what_the_generator_writes(tmp_path):
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes()
     texts = [json.loads(line)["text"] for line in (tmp_path / "ppl.jsonl").read_text().splitlines()]
     assert texts[0] == "41+54=95" and len(texts) == 600
+
+
+def test_shipped_validation_data_is_disjoint_from_the_held_out_prompts(tmp_path):
+    written = write_validation_data(tmp_path)
+    for path in written.values():
+        assert path.read_bytes() == (DATA_DIR / path.name).read_bytes()
+    for name in SKILLS:
+        prompts = [p for p, _ in validation(name)]
+        assert len(set(prompts)) == len(prompts) == 200
+        assert not set(prompts) & {p for p, _ in heldout(name)}
+    assert all(str(eval(p[:-1])) == a for p, a in validation("add"))  # noqa: S307 (digits and '+')
+    assert all(p[:-1][::-1] == a for p, a in validation("rev"))
 
 
 def test_batch_tensors_mask_prompt_and_padding():

@@ -19,6 +19,8 @@ DIGITS = "0123456789"
 CHARS = DIGITS + LETTERS + "+=>|: \n"  # every character a demo text uses; the tokenizer's vocabulary after specials
 HELDOUT_SEED = "mergelib-demo-heldout-v1"  # fixed: every family and seed is scored on the same prompts
 HELDOUT_SIZE = 200
+VALIDATION_SEED = "mergelib-demo-validation-v1"  # recipe search scores on these; never the held-out prompts
+VALIDATION_SIZE = 200
 COPY_FRACTION = 0.4  # base mixture: copy, then latent (correct) and target (random answer) formats
 LATENT_FRACTION = 0.3
 
@@ -91,6 +93,36 @@ def heldout_keys(name: str, n: int = HELDOUT_SIZE) -> list[str]:
 def heldout(name: str, n: int = HELDOUT_SIZE) -> list[Example]:
     """Held-out prompts of skill `name` in its target format, with their answers."""
     return [skill(name).target(key) for key in heldout_keys(name, n)]
+
+
+def validation(name: str, n: int = VALIDATION_SIZE) -> list[Example]:
+    """Validation prompts of skill `name` (target format): a fixed stream disjoint from the held-out problems, for
+    tuning a recipe without looking at the prompts it is finally scored on. (Training excludes only the held-out
+    problems, so a fine-tune may have seen these: they measure what the merge kept, not generalisation.)"""
+    rng = random.Random(f"{VALIDATION_SEED}/{name}")
+    excluded = set(heldout_keys(name))
+    keys: dict[str, None] = {}
+    while len(keys) < n:
+        key = skill(name).draw(rng)
+        if key not in excluded:
+            keys.setdefault(key)
+    return [skill(name).target(key) for key in keys]
+
+
+def write_validation_data(data_dir: Path, skills: tuple[str, ...] = tuple(SKILLS),
+                          n: int = VALIDATION_SIZE) -> dict[str, Path]:
+    """Write `<skill>_validation.jsonl` per skill (and `ppl_validation.jsonl`) into `data_dir`, in the layout of
+    `write_eval_data`; returns name -> path. Same arguments, same bytes."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    texts: list[str] = []
+    for name in skills:
+        rows = validation(name, n)
+        paths[name] = _write_jsonl(data_dir / f"{name}_validation.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
+        texts += [p + a for p, a in rows]
+    paths["ppl"] = _write_jsonl(data_dir / "ppl_validation.jsonl", [{"text": t} for t in texts])
+    return paths
 
 
 def copy_example(rng: random.Random) -> Example:
