@@ -41,12 +41,14 @@ CONF_FILES = {
     "experiment/method_sweep.yaml": ["experiment=method_sweep"],
     "experiment/moe_demo.yaml": ["experiment=moe_demo"],
     "models/smollm2.yaml": ["models=smollm2"],
+    "search/demo.yaml": ["search=demo"],
+    "search/layered.yaml": ["search=layered"],
 }
 
 
 def test_every_conf_file_is_listed():
     found = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*") if p.is_file())
-    assert found == sorted(CONF_FILES) and len(found) == 23
+    assert found == sorted(CONF_FILES) and len(found) == 25
 
 
 @pytest.mark.parametrize("name", sorted(CONF_FILES))

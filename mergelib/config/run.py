@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelib.config.recipe import DType, load_recipe
 from mergelib.errors import ConfigError, RecipeError
+from mergelib.search.config import SearchConfig
 
 KNOBS = ("density", "weight", "t")  # top-level knobs fed into merge.parameters; dropped where a method lacks them
 MISSING = "???"
@@ -63,6 +64,7 @@ class PathsConfig(_Frozen):
     export: str
     publish: str
     reports: str
+    search: str = "outputs/search"
 
     @property
     def lock(self) -> str:
@@ -136,6 +138,7 @@ class RunConfig(_Frozen):
     merge: dict[str, Any]
     sweep: dict[str, tuple[str, ...]] | None = None  # experiment=method_sweep: label -> Hydra overrides
     moe: dict[str, Any] | None = None  # experiment=moe_demo: a mergekit-moe config (mergelib.moe.config)
+    search: SearchConfig | None = None  # conf/search/: what stages.search tunes (mergelib.search)
 
     @field_validator("method")
     @classmethod
@@ -181,7 +184,7 @@ class RunConfig(_Frozen):
     def recipe(self, model_refs: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The merge node as the engine should see it: knobs that do not act on the method (`inactive_knobs`)
         removed, references mapped."""
-        recipe = _mapped(self.merge, dict(model_refs or {}))
+        recipe = map_refs(self.merge, dict(model_refs or {}))
         params = recipe.get("parameters")
         if isinstance(params, dict):
             inactive = self.inactive_knobs()
@@ -213,13 +216,14 @@ class RunConfig(_Frozen):
 _REF_KEYS = ("base_model", "model", "tokenizer_source")
 
 
-def _mapped(node: Any, refs: dict[str, str]) -> Any:
+def map_refs(node: Any, refs: Mapping[str, str]) -> Any:
+    """A recipe (or any node of one) with its model references replaced through `refs` (unknown ones kept)."""
     if isinstance(node, dict):
         return {
-            k: refs.get(v, v) if k in _REF_KEYS and isinstance(v, str) else _mapped(v, refs) for k, v in node.items()
+            k: refs.get(v, v) if k in _REF_KEYS and isinstance(v, str) else map_refs(v, refs) for k, v in node.items()
         }
     if isinstance(node, list):
-        return [refs.get(v, v) if isinstance(v, str) and refs.get(v) else _mapped(v, refs) for v in node]
+        return [refs.get(v, v) if isinstance(v, str) and refs.get(v) else map_refs(v, refs) for v in node]
     return node
 
 

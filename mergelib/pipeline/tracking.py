@@ -120,6 +120,20 @@ class StageRun:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_child(self, name: str, params: Mapping[str, Any], metrics: Mapping[str, float],
+                  tags: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str | None:
+        """A finished run nested under this one (a search trial): params, metrics and tags in one go; its id."""
+        if self.client is None:
+            return None
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        run = self.client.create_run(experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.run_id, "mergelib.role": "trial", **{k: str(v) for k, v in (tags or {}).items()}})
+        child = StageRun(self.client, run.info.run_id, None)
+        child.log_params(params)
+        child.log_metrics(metrics)
+        self.client.set_terminated(child.run_id, status)
+        return child.run_id
+
     def log_markdown(self, path: str | Path, artifact_path: str, name: str) -> None:
         """Log a markdown file without its YAML front matter (the Hub's metadata block), which MLflow's viewer
         shows as a garbled list, as `artifact_path/name`."""

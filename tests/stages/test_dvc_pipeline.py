@@ -24,11 +24,11 @@ import yaml
 from stage_cli import copy_worktree, run, stage, stage_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # mlflow
-STAGES = ("fetch", "merge", "tokenizer", "evaluate", "export", "publish")
+STAGES = ("fetch", "search", "merge", "tokenizer", "evaluate", "export", "publish")
 PRODUCTS = ("models", "outputs", "reports/metrics.json", "reports/eval_samples.json", "reports/skill_accuracy.csv",
             "reports/export.json", "reports/tokenizer_report.md")
 EVAL_PRODUCTS = ("reports/metrics.json", "reports/eval_samples.json", "reports/skill_accuracy.csv", "outputs/publish")
-FAST = ("models=tiny", "eval=quick")  # the family and suite of the fast test
+FAST = ("models=tiny", "eval=quick", "search=tiny")  # the family, suite and search of the fast test
 
 
 def digests(root: Path) -> dict[str, str]:
