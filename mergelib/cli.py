@@ -91,7 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the merge methods with their parameters, defaults and papers")
     _add_moe(sub)
     _add_extract_lora(sub)
+    _add_search(sub)
     return parser
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="search a recipe's parameters on validation prompts (Optuna; resumable)")
+    p.add_argument("config", help="YAML with `recipe:` (a mergekit recipe or its path) and `search:` "
+                                  "(conf/search/demo.yaml's schema)")
+    p.add_argument("--out", default="outputs/search", help="where best.yml goes (default outputs/search)")
+    p.add_argument("--reports", default="reports/search", help="report, plots, trials (default reports/search)")
+    p.add_argument("--seed", type=int, default=0, help="merge seed of randomized methods (default 0)")
+    p.add_argument("--trials", type=positive_int, default=None, help="override search.trials")
+    p.add_argument("--executor", choices=("serial", "ray"), default=None, help="override search.executor")
+    p.add_argument("--workers", type=positive_int, default=None, help="override search.workers (ray)")
+    p.add_argument("--storage", default=None, help="override search.storage (an RDB URL)")
 
 
 def _add_moe(sub) -> None:
@@ -242,7 +256,28 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "moe": cmd_moe, "extract-lora": cmd_extract_lora}
+def cmd_search(args: argparse.Namespace) -> int:
+    from mergelib.pipeline.tracking import stage_run
+    from mergelib.search.config import load_search_file, validate_search
+    from mergelib.search.run import run_search
+
+    recipe, search = load_search_file(args.config)
+    overrides = {k: v for k, v in (("trials", args.trials), ("executor", args.executor), ("workers", args.workers),
+                                   ("storage", args.storage)) if v is not None}
+    if overrides:
+        search = validate_search({**search.model_dump(), **overrides}, "command line")
+    with stage_run("search", {"recipe": recipe, "search": search.model_dump(mode="json")}) as run:
+        outcome = run_search(recipe, search, out_dir=args.out, reports_dir=args.reports,
+                             family=Path(args.config).stem, seed=args.seed, tracker=run)
+    top = outcome.best[0]
+    held = ", ".join(f"{t} {v:.3f}" for t, v in sorted(top["heldout"].items()))
+    print(f"search: study '{outcome.study}': {outcome.counts['complete']} complete, {outcome.counts['pruned']} "
+          f"pruned, {outcome.counts['failed']} failed now; best trial {top['number']} -> {outcome.paths['best']} "
+          f"(held-out {held})")
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "moe": cmd_moe, "extract-lora": cmd_extract_lora, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ def run(config, tracker) -> str:
     default = ", ".join(f"{t} {v:.3f}" for t, v in sorted(outcome.default["test"].items()))
     ran = sum(counts.values())
     return (f"{ran} trials run now ({counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} "
-            f"failed, {counts['lost']} lost) in study '{study}'; best trial {top['number']} -> {outcome.paths['best']}; held-out {held} "
-            f"(default recipe {default})")
+            f"failed, {counts['lost']} lost) in study '{study}'; best trial {top['number']} -> "
+            f"{outcome.paths['best']}; held-out {held} (default recipe {default})")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ whether each searched parameter fits the recipe's method(s) is checked by mergel
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -111,3 +112,47 @@ class SearchConfig(_Frozen):
     def space_items(self) -> list[tuple[str, Dimension | Any]]:
         """(key, dimension or fixed value), in a fixed order."""
         return sorted(self.space.items())
+
+
+def validate_search(data: Any, source: str) -> SearchConfig:
+    """A SearchConfig from plain data; ConfigError with one line naming the key (`source: search.sampler: ...`)."""
+    from pydantic import ValidationError
+
+    from mergelib.errors import ConfigError
+
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in ("search", *err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key '{key}'; remove it or fix its name") from None
+        got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
+        raise ConfigError(f"{source}: {key}: {msg}{got}") from None
+
+
+def load_search_file(path: str | Path) -> tuple[dict[str, Any], SearchConfig]:
+    """(recipe, search) from a `mergelib search` file: `recipe:` (a mergekit recipe, or the path of one, relative to
+    the file) and `search:` (conf/search/'s schema)."""
+    from mergelib.config.textfile import CONFIG_LIMIT, read_text, yaml_documents
+    from mergelib.errors import ConfigError
+
+    path = Path(path)
+    docs = yaml_documents(read_text(path, "the search config", ConfigError, limit=CONFIG_LIMIT), str(path), ConfigError)
+    data = docs[0] if len(docs) == 1 else None
+    if not isinstance(data, dict) or set(data) - {"recipe", "search"} or not {"recipe", "search"} <= set(data):
+        raise ConfigError(f"{path}: a search config is one mapping with `recipe:` (a mergekit recipe or its path) and "
+                          "`search:` (space, objective, budget: see conf/search/demo.yaml)")
+    recipe = data["recipe"]
+    if isinstance(recipe, str):
+        recipe_path = (path.parent / recipe) if not Path(recipe).is_absolute() else Path(recipe)
+        docs = yaml_documents(read_text(recipe_path, "the recipe", ConfigError, limit=CONFIG_LIMIT), str(recipe_path),
+                              ConfigError)
+        recipe = docs[0] if len(docs) == 1 else None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: recipe: give one mergekit recipe (a mapping with merge_method), or its path")
+    from mergelib.config.recipe import load_recipe
+
+    load_recipe(recipe)  # RecipeError, one line, before anything starts
+    return recipe, validate_search(data["search"], str(path))

@@ -51,11 +51,11 @@ def _remote_trial(job: TrialJob, storage_url: str, study_name: str, trial_id: in
     """A Ray task's body: the trial, pruning through the shared storage."""
     import optuna
 
-    from mergelib.search.study import make_pruner
+    from mergelib.search.study import make_pruner, quiet_optuna
 
     should_stop = None
     if job.prune_after:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet_optuna()
         study = optuna.load_study(study_name=study_name, storage=storage_url, pruner=make_pruner(search))
         should_stop = _pruning_callback(optuna.trial.Trial(study, trial_id))
     return run_trial(job, should_stop)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +89,12 @@ def _trials_csv(trials: list[dict[str, Any]]) -> str:
 
 def _plots(study, search: SearchConfig, reports_dir: Path) -> dict[str, Path]:
     """history.png, importances.png (when at least two trials completed with some spread) and pareto.png."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
 
-    warnings.filterwarnings("ignore", category=optuna_warning())
-    warnings.filterwarnings("ignore", message="Some regimes for parameter")  # few trials per regime: said in the md
     names = [f"objective {t}" for t in sorted(search.objective.tasks)] if search.pareto else ["objective"]
     out: dict[str, Path] = {}
     draws = {"history": lambda: ovm.plot_optimization_history(
@@ -108,7 +105,9 @@ def _plots(study, search: SearchConfig, reports_dir: Path) -> dict[str, Path]:
         draws["pareto"] = lambda: ovm.plot_pareto_front(study, target_names=names)
     for name, draw in draws.items():
         try:
-            axes = draw()
+            with warnings.catch_warnings():  # experimental APIs; importances from few trials (the report says how many)
+                warnings.simplefilter("ignore")
+                axes = draw()
         except (ValueError, RuntimeError, ZeroDivisionError):  # too few complete trials, or no spread to rank
             continue
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
@@ -119,12 +118,6 @@ def _plots(study, search: SearchConfig, reports_dir: Path) -> dict[str, Path]:
         plt.close(figure)
         out[name] = path
     return out
-
-
-def optuna_warning():
-    import optuna
-
-    return optuna.exceptions.ExperimentalWarning
 
 
 def _markdown(outcome, search: SearchConfig, counts: dict[str, int], paths: dict[str, Path]) -> str:

@@ -40,34 +40,46 @@ def open_storage(url: str, heartbeat_s: int):
     """An Optuna RDB storage with heartbeats (SearchError, one line, when it cannot be opened)."""
     import logging
 
-    import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=heartbeat_s * STALE_FACTOR,
-                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3))
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     except Exception as exc:  # SQLAlchemy raises many kinds (ArgumentError, OperationalError, ImportError, ...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SearchError(f"search.storage '{url}': cannot open it ({first}); give an RDB URL such as "
                           "sqlite:///path/optuna.db or postgresql://host/db") from None
 
 
-def make_sampler(search: SearchConfig):
-    """The seeded sampler the config names."""
+def quiet_optuna() -> None:
+    """Optuna's INFO lines and the warnings about what we use on purpose: heartbeats with ask-and-tell (we record
+    them ourselves) and features it marks experimental."""
     import warnings
 
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def make_sampler(search: SearchConfig, resumed_at: int = 0):
+    """The seeded sampler the config names. A study resumed with `resumed_at` trials in its storage gets a seed
+    derived from both, so it does not draw the values of its first trials again (a fresh study: the seed itself)."""
+    import optuna
+
+    seed = search.seed if not resumed_at else int.from_bytes(
+        hashlib.sha256(f"{search.seed}/{resumed_at}".encode()).digest()[:4], "little")
+
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=search.seed, constant_liar=search.executor == "ray")
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=search.executor == "ray")
     if search.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=search.seed)
-    return optuna.samplers.RandomSampler(seed=search.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(search: SearchConfig):
@@ -106,6 +118,9 @@ def open_study(search: SearchConfig, storage, name: str, digest: str):
                           "the same config, or start a new study (search.study=NAME)")
     if [d.name.lower() for d in study.directions] != directions:
         raise SearchError(f"search.study '{name}': its objectives differ from the config's; start a new study")
+    resumed_at = len(study.get_trials(deepcopy=False))
+    if resumed_at:
+        study.sampler = make_sampler(search, resumed_at)
     return study
 
 
@@ -169,7 +184,6 @@ Outcome = Callable[[Any, Any, BaseException | None], None]  # (trial, TrialResul
 def drive(study, storage, search: SearchConfig, suggest: Callable, make_job: Callable, executor,
           on_done: Outcome, log=print) -> dict[str, int]:
     """Ask, run and tell trials until the budget is spent; returns counts of what this call ran."""
-    import optuna
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
@@ -218,7 +232,6 @@ def drive(study, storage, search: SearchConfig, suggest: Callable, make_job: Cal
                 study.tell(trial, result.values if len(result.values) > 1 else result.values[0])
                 counts["complete"] += 1
             on_done(trial, result, error)
-    del optuna
     return counts
 
 
