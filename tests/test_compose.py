@@ -43,12 +43,13 @@ CONF_FILES = {
     "models/smollm2.yaml": ["models=smollm2"],
     "search/demo.yaml": ["search=demo"],
     "search/layered.yaml": ["search=layered"],
+    "search/tiny.yaml": ["models=tiny", "search=tiny"],
 }
 
 
 def test_every_conf_file_is_listed():
     found = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*") if p.is_file())
-    assert found == sorted(CONF_FILES) and len(found) == 25
+    assert found == sorted(CONF_FILES) and len(found) == 26
 
 
 @pytest.mark.parametrize("name", sorted(CONF_FILES))
@@ -172,6 +173,10 @@ def test_run_config_is_frozen():
         (["publish=mlflow", "publish.version=null"], ["publish.version=1.0.0"]),
         (["+merge.parameters.lamda=2"], ["merge node:", "lamda", "did you mean 'lambda'"]),
         (["models=qwen2_5_0_5b", "experiment=slerp"], ["models.finetunes.1.model"]),
+        (["recipe_file=/nonexistent/best.yml"], ["recipe_file: /nonexistent/best.yml: cannot read the recipe"]),
+        (["search.sampler=bayes"], ["search.sampler:", "'tpe'", "(got 'bayes')"]),
+        (["search.space.density.low=2"], ["search.space.density", "empty range: low 2.0 must be below high 1.0"]),
+        (["search.objective.aggregate=max"], ["search.objective.aggregate", "'pareto'"]),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragments):

@@ -136,6 +136,7 @@ class RunConfig(_Frozen):
     export: ExportConfig
     publish: PublishConfig
     merge: dict[str, Any]
+    recipe_file: str | None = None  # a mergekit recipe YAML merged instead of the `merge` node (outputs/search/best.yml)
     sweep: dict[str, tuple[str, ...]] | None = None  # experiment=method_sweep: label -> Hydra overrides
     moe: dict[str, Any] | None = None  # experiment=moe_demo: a mergekit-moe config (mergelib.moe.config)
     search: SearchConfig | None = None  # conf/search/: what stages.search tunes (mergelib.search)
@@ -158,8 +159,21 @@ class RunConfig(_Frozen):
         try:
             load_recipe(self.recipe())
         except RecipeError as exc:
-            raise ValueError(f"merge node: {str(exc).removeprefix('recipe: ')}") from None
+            where = "recipe_file" if self.recipe_file else "merge node"
+            raise ValueError(f"{where}: {str(exc).removeprefix('recipe: ')}") from None
         return self
+
+    def merge_node(self) -> dict[str, Any]:
+        """The recipe as configured: the file `recipe_file` names (one mergekit recipe), else the `merge` node."""
+        if not self.recipe_file:
+            return self.merge
+        from mergelib.config.textfile import CONFIG_LIMIT, read_text, yaml_documents
+
+        docs = yaml_documents(read_text(self.recipe_file, "the recipe", RecipeError, limit=CONFIG_LIMIT),
+                              self.recipe_file, RecipeError)
+        if len(docs) != 1 or not isinstance(docs[0], dict):
+            raise RecipeError(f"{self.recipe_file}: give one mergekit recipe (a mapping with merge_method)")
+        return docs[0]
 
     def _check_built_layout(self) -> None:
         """A built family's references are the directories the fetch stage makes: base and ft1..ftN (tiny), base
@@ -184,9 +198,9 @@ class RunConfig(_Frozen):
     def recipe(self, model_refs: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The merge node as the engine should see it: knobs that do not act on the method (`inactive_knobs`)
         removed, references mapped."""
-        recipe = map_refs(self.merge, dict(model_refs or {}))
+        recipe = map_refs(self.merge_node(), dict(model_refs or {}))
         params = recipe.get("parameters")
-        if isinstance(params, dict):
+        if isinstance(params, dict) and not self.recipe_file:
             inactive = self.inactive_knobs()
             recipe["parameters"] = {k: v for k, v in params.items() if k not in inactive}
         return recipe
@@ -200,14 +214,14 @@ class RunConfig(_Frozen):
         taken = {f.alias or n for m in (spec.params, spec.model_params) for n, f in m.model_fields.items()}
         taken -= {name for name, _ in spec.ignored}
         params = self.merge.get("parameters")
-        if not isinstance(params, dict):
+        if not isinstance(params, dict) or self.recipe_file:
             return {}
         return {k: v for k, v in params.items() if k in KNOBS and k not in taken}
 
     def input_refs(self) -> tuple[str, ...]:
         """Every model reference the run needs: the family, then any other the recipe names."""
         refs = list(self.models.refs())
-        for ref in _recipe_refs(self.merge):
+        for ref in _recipe_refs(self.merge_node()):
             if ref not in refs:
                 refs.append(ref)
         return tuple(refs)

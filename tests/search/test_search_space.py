@@ -88,3 +88,20 @@ def test_config_errors_name_the_key(data, message):
     with pytest.raises(Exception) as err:
         validate_search({**base, **data}, "conf")
     assert message in str(err.value) and str(err.value).startswith("conf: ")
+
+
+@pytest.mark.parametrize("name", ["demo", "layered", "tiny"])
+def test_every_shipped_search_space_fits_its_family(name, tiny_family, demo_quick):
+    from pathlib import Path
+
+    from mergelib.config.compose import compose
+    from mergelib.config.run import run_config
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    assert sorted(p.stem for p in (conf / "search").glob("*.yaml")) == ["demo", "layered", "tiny"]
+    overrides = [f"search={name}"] + (["models=tiny"] if name == "tiny" else [])
+    config = run_config(compose(overrides, conf), source=name)
+    family = tiny_family if name == "tiny" else demo_quick
+    refs = dict(zip(config.models.refs(), [str(family.base), *map(str, family.finetunes)]))
+    space = SearchSpace(config.search, config.recipe(), refs)  # every corner planned on the family's headers
+    assert space.dimensions and len(space.methods) >= 2

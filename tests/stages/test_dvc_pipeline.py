@@ -159,6 +159,25 @@ def test_repro_stage_command_publish_and_eval_only_change(tmp_path):
     shown = list(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv"], root, env).stdout)))
     assert {row["eval.limit"] for row in shown} >= {"4", "8"}
     assert any(row.get("demo_add") for row in shown)  # scores.json: the merge's score per task
+    check_search(root, env)
+
+
+def check_search(root: Path, env: dict) -> None:
+    """The search stage's recipe is what the merge stage (recipe_file=) and `mergelib merge` take as they are."""
+    metrics = json.loads((root / "reports/search/search.json").read_text())
+    assert metrics["complete"] + metrics["pruned"] + metrics["failed"] == 4
+    best = root / "outputs/search/best.yml"
+    recipe = yaml.safe_load(best.read_text())
+    assert recipe["base_model"] == "models/tiny/base" and recipe["merge_method"] in ("task_arithmetic", "ties")
+    proc = stage("merge", *FAST, "recipe_file=outputs/search/best.yml", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    by_hand = run([str(Path(sys.executable).parent / "mergelib"), "merge", str(best), str(root / "by_hand"),
+                   "--quiet"], root, env)
+    assert by_hand.returncode == 0, by_hand.stderr
+    written = sorted(p.name for p in (root / "by_hand").glob("*.safetensors"))
+    assert written and written == sorted(p.name for p in (root / "outputs/merged").glob("*.safetensors"))
+    for name in written:
+        assert (root / "by_hand" / name).read_bytes() == (root / "outputs/merged" / name).read_bytes()
 
 
 @pytest.mark.slow
