@@ -56,12 +56,18 @@ class Objective(_Frozen):
     limit: int | None = Field(default=None, ge=1)  # validation prompts per task; None: all (200 for demo tasks)
     normalise: bool = True  # divide each task's score by the best parent's (the share of the skill kept)
     aggregate: Literal["mean", "min", "pareto"] = "mean"  # weighted mean, worst task, or one objective per task
+    # task -> the least score (a share of the best parent's when normalising) a recipe must keep to be chosen;
+    # the sampler steers toward trials that keep it (Optuna's constraints)
+    floor: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _weights(self) -> Objective:
         for task, weight in self.tasks.items():
             if not weight > 0:
                 raise ValueError(f"tasks.{task}: weight {weight} must be above 0")
+        for task in self.floor:
+            if task not in self.tasks:
+                raise ValueError(f"floor.{task}: not an objective task ({', '.join(self.tasks)}); add it to tasks")
         return self
 
 
@@ -101,6 +107,8 @@ class SearchConfig(_Frozen):
         pareto = self.objective.aggregate == "pareto"
         if self.sampler == "cmaes" and pareto:
             raise ValueError("sampler cmaes optimises one objective; use tpe, nsga2 or random for a Pareto front")
+        if self.sampler == "cmaes" and self.objective.floor:
+            raise ValueError("sampler cmaes takes no constraints (objective.floor); use tpe, nsga2 or random")
         if self.sampler == "nsga2" and not pareto:
             raise ValueError("sampler nsga2 is for objective.aggregate=pareto; use tpe, cmaes or random")
         return self

@@ -51,11 +51,9 @@ def write_outputs(outcome, study, search: SearchConfig, out_dir: Path, reports_d
              "report": reports_dir / "search_report.md"}
     top = outcome.best[0]
     counts = _states(outcome.trials)
-    write_json(paths["metrics"], {
-        "best_trial": top["number"], "objective": [round(v, 6) for v in top["values"]],
-        "validation": top["validation"], "heldout": top["heldout"], "default_heldout": outcome.default[HELD_OUT],
-        **counts,
-    })
+    # the DVC metric: few columns in `dvc exp show` (the report and the CSV hold the rest)
+    write_json(paths["metrics"], {"objective": round(top["values"][0], 6), "heldout": top["heldout"],
+                                  "trials": counts["complete"] + counts["pruned"] + counts["failed"]})
     write_text(paths["trials"], _trials_csv(outcome.trials))
     paths.update(_plots(study, search, reports_dir))
     write_text(paths["report"], _markdown(outcome, search, counts, paths))
@@ -135,7 +133,12 @@ def _markdown(outcome, search: SearchConfig, counts: dict[str, int], paths: dict
              + (" (share of the best parent's validation score)" if search.objective.normalise else "")
              + f"; trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed.", "",
              "Validation prompts are what the trials were scored on; held-out prompts are the evaluate stage's, "
-             "which no trial saw.", "", head, rule]
+             "which no trial saw.", ""]
+    if search.objective.floor:
+        kept = "kept" if outcome.best[0].get("feasible") else "NO trial kept (the best overall is shown)"
+        lines += ["Floors (" + ", ".join(f"{t} >= {v:g}" for t, v in sorted(search.objective.floor.items()))
+                  + f"): {kept}.", ""]
+    lines += [head, rule]
     for label, scores in outcome.parents.items():
         lines.append(row(label, scores["validation"], scores[HELD_OUT]))
     lines.append(row("default recipe", outcome.default["validation"], outcome.default[HELD_OUT]))

@@ -56,7 +56,15 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
     from mergelib.search.executors import make_executor
     from mergelib.search.report import write_outputs
     from mergelib.search.scorer import load_task
-    from mergelib.search.study import SearchError, config_digest, default_storage, drive, open_storage, open_study
+    from mergelib.search.study import (
+        SearchError,
+        config_digest,
+        default_storage,
+        drive,
+        feasible,
+        open_storage,
+        open_study,
+    )
 
     refs = dict(refs or {})
     space = SearchSpace(search, recipe, refs)
@@ -114,6 +122,7 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
         trial_recipe = space.recipe_for(trial.params)
         held = run_trial(job(trial.number, trial_recipe, HELD_OUT, prune=False))
         best.append({"number": trial.number, "values": list(trial.values), "params": dict(trial.params),
+                     "feasible": feasible(trial),
                      "recipe": trial_recipe, "validation": dict(trial.user_attrs.get("scores", {})),
                      "heldout": held.scores, "heldout_values": held.values})
     default = {split: run_trial(job(-1, dict(recipe), split, prune=False)).scores
@@ -131,14 +140,25 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
 
 
 def _best_trials(study, search: SearchConfig) -> list:
-    """The best trial, or the Pareto front ordered by mean objective (best first)."""
+    """The best complete trial, or the Pareto front ordered by mean objective (best first), among the trials that
+    kept objective.floor when any did (else among all: the report says no trial kept it)."""
     from optuna.trial import TrialState
 
-    if not [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]:
+    from mergelib.search.study import feasible
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pool = [t for t in complete if feasible(t)] or complete
+    if not pool:
         return []
     if search.pareto:
-        return sorted(study.best_trials, key=lambda t: (-sum(t.values) / len(t.values), t.number))
-    return [study.best_trial]
+        front = [t for t in pool if not any(_dominates(o.values, t.values) for o in pool)]
+        return sorted(front, key=lambda t: (-sum(t.values) / len(t.values), t.number))
+    return [min(pool, key=lambda t: (-t.values[0], t.number))]
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    """`a` is at least as good as `b` everywhere and better somewhere (every objective maximised)."""
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
 
 def _trial_rows(study) -> list[dict[str, Any]]:

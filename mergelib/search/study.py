@@ -21,6 +21,7 @@ from mergelib.search.config import SearchConfig
 
 CONFIG_ATTR = "mergelib.search_config"  # study user attr: digest of what the trials depend on
 ERROR_ATTR = "error"  # trial user attr: why it failed (counts toward the budget)
+CONSTRAINTS_ATTR = "constraints"  # trial user attr: floor - share per floored task
 LOST_ATTR = "lost"  # trial user attr: its worker was lost (does not count; its values are queued again)
 STALE_FACTOR = 3  # a running trial whose heartbeat is older than this many intervals is lost
 
@@ -73,13 +74,25 @@ def make_sampler(search: SearchConfig, resumed_at: int = 0):
     seed = search.seed if not resumed_at else int.from_bytes(
         hashlib.sha256(f"{search.seed}/{resumed_at}".encode()).digest()[:4], "little")
 
+    constraints = trial_constraints if search.objective.floor else None
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=search.executor == "ray")
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=search.executor == "ray",
+                                          constraints_func=constraints)
     if search.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def trial_constraints(trial) -> list[float]:
+    """What the trial recorded of objective.floor (floor - share; <= 0 kept); a trial without scores is infeasible."""
+    return list(trial.user_attrs.get(CONSTRAINTS_ATTR) or [1.0])
+
+
+def feasible(trial) -> bool:
+    """Whether a finished trial kept every floor (True when the objective has none)."""
+    return all(v <= 0 for v in trial.user_attrs.get(CONSTRAINTS_ATTR, []))
 
 
 def make_pruner(search: SearchConfig):
@@ -237,6 +250,7 @@ def drive(study, storage, search: SearchConfig, suggest: Callable, make_job: Cal
 
 def _record(trial, result) -> None:
     trial.set_user_attr("scores", result.scores)
+    trial.set_user_attr(CONSTRAINTS_ATTR, result.constraints)
     trial.set_user_attr("seconds", {"setup": round(result.setup_s, 4), "merge": round(result.merge_s, 4),
                                     "eval": round(result.eval_s, 4)})
 

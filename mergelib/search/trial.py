@@ -49,6 +49,7 @@ class TrialResult:
     values: list[float] | None = None  # the objective(s); None when pruned
     scores: dict[str, float] = field(default_factory=dict)  # task -> exact match (all prompts, or the pruned part)
     partial: list[float] | None = None  # objective(s) on the first prompts (what pruning looked at)
+    constraints: list[float] = field(default_factory=list)  # floor - score per floored task: <= 0 keeps it
     pruned: bool = False
     setup_s: float = 0.0
     merge_s: float = 0.0
@@ -59,16 +60,29 @@ def objective_values(scores: Mapping[str, float], parents_best: Mapping[str, flo
                      objective: Objective) -> list[float]:
     """The objective(s) of task scores: per task share of the best parent's score (when normalising), then the
     weighted mean, the minimum, or one value per task (pareto, in task order)."""
-    rel = {}
-    for task in objective.tasks:
-        best = parents_best.get(task, 0.0)
-        rel[task] = scores[task] / best if objective.normalise and best > 0 else scores[task]
+    rel = shares(scores, parents_best, objective)
     if objective.aggregate == "pareto":
         return [rel[t] for t in sorted(objective.tasks)]
     if objective.aggregate == "min":
         return [min(rel.values())]
     total = sum(objective.tasks.values())
     return [sum(rel[t] * w for t, w in objective.tasks.items()) / total]
+
+
+def shares(scores: Mapping[str, float], parents_best: Mapping[str, float], objective: Objective) -> dict[str, float]:
+    """Task -> the score as the objective counts it: a share of the best parent's when normalising, else raw."""
+    out = {}
+    for task in objective.tasks:
+        best = parents_best.get(task, 0.0)
+        out[task] = scores[task] / best if objective.normalise and best > 0 else scores[task]
+    return out
+
+
+def constraint_values(scores: Mapping[str, float], parents_best: Mapping[str, float],
+                      objective: Objective) -> list[float]:
+    """Optuna's constraints of a trial: floor - share per floored task (in task order); all <= 0 is feasible."""
+    rel = shares(scores, parents_best, objective)
+    return [objective.floor[t] - rel[t] for t in sorted(objective.floor)]
 
 
 def merge_mode(recipe: Mapping[str, Any], requested: str) -> str:
@@ -181,6 +195,7 @@ def run_trial(job: TrialJob, should_stop: Callable[[int, float], bool] | None = 
                 right[task.name], done[task.name] = correct(model, tokenizer, head), len(head.prompts)
             out.scores = {n: right[n] / done[n] for n in right}
             out.partial = objective_values(out.scores, job.parents_best, job.objective)
+            out.constraints = constraint_values(out.scores, job.parents_best, job.objective)
             if should_stop(0, out.partial[0]):
                 out.pruned = True
                 out.eval_s = time.perf_counter() - evaluated
@@ -190,6 +205,7 @@ def run_trial(job: TrialJob, should_stop: Callable[[int, float], bool] | None = 
             right[task.name] += correct(model, tokenizer, rest) if rest.prompts else 0
         out.scores = {t.name: right[t.name] / max(len(t.prompts), 1) for t in tasks}
         out.values = objective_values(out.scores, job.parents_best, job.objective)
+        out.constraints = constraint_values(out.scores, job.parents_best, job.objective)
         out.eval_s = time.perf_counter() - evaluated
         return out
     finally:
