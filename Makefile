@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-slow install bench clean lock readme-figures
+.PHONY: demo test test-slow install bench bench-search clean lock readme-figures
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
+
+# Recipe-search throughput (serial vs 2 Ray workers) and the 3-seed demo goal; needs the demo family (make demo).
+bench-search: $(STAMP)
+	$(BIN)/python benchmarks/search_bench.py
 
 # The README's measured tables from docs/figures/*.json (record new ones with `tools/readme_figures.py --record
 # demo` after `make demo`, `--record sweep` after `python -m stages.sweep`), and its file map from the docstrings.

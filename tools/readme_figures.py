@@ -1,8 +1,9 @@
 """The README's measured figures, so they cannot go stale: `--record NAME` copies what the last run measured into
 docs/figures/NAME.json with the library versions it ran under (demo: reports/ after `make demo`; sweep and smollm2:
 reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
-reports/bench.json after `make bench`). With no argument (`make readme-figures`) every figures block of README.md
-is re-rendered from those files; `--check` exits 1 when a block differs from its file.
+reports/bench.json after `make bench`; search: reports/search_bench.json after `make bench-search`). With no
+argument (`make readme-figures`) every figures block of README.md is re-rendered from those files; `--check` exits 1
+when a block differs from its file.
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ def record_bench() -> dict:
     return {"rows": json.loads((REPO / "reports" / "bench.json").read_text())}
 
 
+def record_search() -> dict:
+    """Search throughput and the 3-seed demo goal, from reports/search_bench.json (benchmarks/search_bench.py)."""
+    return json.loads((REPO / "reports" / "search_bench.json").read_text())
+
+
+def _search_tables(data: dict) -> str:
+    lines = ["| executor | workers | trials | wall s | trials / min | setup + merge | scoring | other |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["throughput"]:
+        lines.append(f"| {r['executor']} | {r['workers']} | {r['trials']} | {r['wall_s']} | {r['trials_per_min']} | "
+                     f"{r['setup_merge_share']:.0%} | {r['eval_share']:.0%} | {r['other_share']:.0%} |")
+    lines += ["", "| space | seed | trials | best | add kept | rev kept | default: add kept | rev kept |",
+              "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in data["goal"]:
+        share, default = r["heldout_share"], r["default_share"]
+        lines.append(f"| {r['space']} | {r['seed']} | {r['trials']} | trial {r['best_trial']} ({r['method']}) | "
+                     f"{share['demo_add']:.1%} | {share['demo_rev']:.1%} | {default['demo_add']:.1%} | "
+                     f"{default['demo_rev']:.1%} |")
+    return "\n".join(lines)
+
+
 def _bench_table(rows: list[dict]) -> str:
     lines = ["| family | case | merge s | IO floor s | merge / floor | merge peak RSS MB |",
              "|---|---|---:|---:|---:|---:|"]
@@ -81,6 +103,8 @@ def render(name: str, data: dict) -> str:
         text = _table(data["rows"])
     elif name.startswith("bench"):
         text = _bench_table(data["rows"])
+    elif name == "search":
+        text = _search_tables(data)
     else:
         raise SystemExit(f"docs/figures/{name}.json: no renderer for '{name}'")
     return f"{text}\n\n<sub>Measured with {versions} (`python tools/readme_figures.py --record {name}`).</sub>\n"
@@ -102,7 +126,7 @@ def main(argv: list[str]) -> int:
     if "--record" in argv:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
-                     "bench_slow": record_bench}
+                     "bench_slow": record_bench, "search": record_search}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2

@@ -135,7 +135,7 @@ def _markdown(outcome, search: SearchConfig, counts: dict[str, int], paths: dict
              "Validation prompts are what the trials were scored on; held-out prompts are the evaluate stage's, "
              "which no trial saw.", ""]
     if search.objective.floor:
-        kept = "kept" if outcome.best[0].get("feasible") else "NO trial kept (the best overall is shown)"
+        kept = "kept" if outcome.best[0].get("feasible") else "NO trial kept them (shown: the closest)"
         lines += ["Floors (" + ", ".join(f"{t} >= {v:g}" for t, v in sorted(search.objective.floor.items()))
                   + f"): {kept}.", ""]
     lines += [head, rule]

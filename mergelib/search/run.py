@@ -76,6 +76,9 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
     digest = config_digest(search, dict(recipe))
     study_name = search.study or f"search-{family}-{digest[:8]}"
     study = open_study(search, storage, study_name, digest)
+    start = space.recipe_values()
+    if start is not None and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(start, user_attrs={"start": "the base recipe"})  # the search starts from what it was given
     local = lambda r: map_refs(r, refs)  # noqa: E731
     lead = local(recipe).get("base_model") or local(recipe)["models"][0]["model"]
     parents = {label: {split: score_model(refs.get(ref, ref), tasks, split,
@@ -147,7 +150,13 @@ def _best_trials(study, search: SearchConfig) -> list:
     from mergelib.search.study import feasible
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    pool = [t for t in complete if feasible(t)] or complete
+    pool = [t for t in complete if feasible(t)]
+    if not pool and complete:  # none kept every floor: those that came closest
+        def shortfall(t) -> float:
+            return round(sum(max(v, 0.0) for v in t.user_attrs.get("constraints", [])), 9)
+
+        least = min(shortfall(t) for t in complete)
+        pool = [t for t in complete if shortfall(t) == least]
     if not pool:
         return []
     if search.pareto:

@@ -149,6 +149,42 @@ class SearchSpace:
                     values[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log, step=dim.step)
         return values
 
+    def recipe_values(self) -> dict[str, Any] | None:
+        """The base recipe as trial values (what the search enqueues first, so it starts from the recipe it was
+        given and can only improve on it); None when the recipe lies outside the space (method or a value out of
+        range, a parameter given as a list)."""
+        method = str(self.recipe["merge_method"])
+        if method not in map(str, self.methods):
+            return None
+        values: dict[str, Any] = {METHOD: method} if METHOD in self.dimensions else {}
+        entries = {model_label(e["model"]): e.get("parameters") or {} for e in self.recipe.get("models") or []}
+        top = self.recipe.get("parameters") or {}
+        for text, dim in self.dimensions.items():
+            if text == METHOD or not _takes(method, self.keys[text]):
+                continue
+            key = self.keys[text]
+            if key.model:
+                value = entries.get(key.model, {}).get(key.param, top.get(key.param))
+            else:  # a top-level key: the recipe's top-level value, or the one every model gives
+                each = {repr(p.get(key.param)) for p in entries.values()}
+                value = top.get(key.param, next(iter(entries.values()), {}).get(key.param) if len(each) == 1 else None)
+            if value is None:
+                from mergelib.methods import get_method
+
+                spec = get_method(method)
+                fields = {f.alias or n: f for m in (spec.params, spec.model_params) for n, f in m.model_fields.items()}
+                value = fields[key.param].default if key.param in fields else None
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                return None
+            if dim.choices is not None:
+                if value not in dim.choices:
+                    return None
+            elif not dim.low <= value <= dim.high:
+                return None
+            for name in ([f"{text}[{i}]" for i in range(dim.points)] if dim.points else [text]):
+                values[name] = value
+        return values
+
     def recipe_for(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The mergekit recipe of a trial: the base recipe with its method and searched parameters replaced;
         parameters the method does not take are left out (as the merge stage leaves out inactive knobs)."""

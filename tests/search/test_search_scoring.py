@@ -82,3 +82,28 @@ def test_pruned_trial_stops_after_the_first_prompts(demo_quick, tmp_path):
     assert asked[0] == (0, result.partial[0])
     full = run_trial(job, lambda step, value: False)
     assert not full.pruned and len(full.values) == 1
+
+
+def test_floors_are_constraints_and_the_best_trial_keeps_them():
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from mergelib.search.config import validate_search
+    from mergelib.search.run import _best_trials
+    from mergelib.search.trial import constraint_values
+
+    objective = Objective(tasks={"demo_add": 1, "demo_rev": 1}, floor={"demo_rev": 0.85, "demo_add": 0.8})
+    got = constraint_values({"demo_add": 0.9, "demo_rev": 0.6}, {"demo_add": 1.0, "demo_rev": 0.8}, objective)
+    assert got == pytest.approx([0.8 - 0.9, 0.85 - 0.75])  # task order: demo_add, demo_rev
+
+    search = validate_search({"objective": objective.model_dump(), "space": {"weight": {"low": 0, "high": 1}}}, "t")
+    study = optuna.create_study(direction="maximize")
+    for value, constraints in ((0.95, [0.1, -0.2]), (0.9, [-0.1, 0.0]), (0.7, [-0.3, -0.3])):
+        study.add_trial(optuna.trial.create_trial(value=value, params={"weight": value},
+                                                  distributions={"weight": FloatDistribution(0, 1)},
+                                                  user_attrs={"constraints": constraints}))
+    assert [t.number for t in _best_trials(study, search)] == [1]  # the best of those that kept every floor
+    study.add_trial(optuna.trial.create_trial(value=0.99, params={"weight": 0.5},
+                                              distributions={"weight": FloatDistribution(0, 1)},
+                                              user_attrs={"constraints": [0.5, 0.5]}))
+    assert [t.number for t in _best_trials(study, search)] == [1]

@@ -105,3 +105,18 @@ def test_every_shipped_search_space_fits_its_family(name, tiny_family, demo_quic
     refs = dict(zip(config.models.refs(), [str(family.base), *map(str, family.finetunes)]))
     space = SearchSpace(config.search, config.recipe(), refs)  # every corner planned on the family's headers
     assert space.dimensions and len(space.methods) >= 2
+
+
+def test_the_base_recipe_is_the_first_trial_when_it_lies_in_the_space(tiny_family):
+    base = recipe(tiny_family)  # ties, weight 1.0 per model, density 0.5
+    space = SearchSpace(config({"method": {"choices": ["ties", "dare_ties"]}, "density": {"low": 0.2, "high": 1.0},
+                                "ft1.weight": {"low": 0.5, "high": 1.5}, "weight@mlp": {"low": 0.1, "high": 2.0}}),
+                        base)
+    values = space.recipe_values()
+    assert values == {"method": "ties", "density": 0.5, "ft1.weight": 1.0, "weight@mlp": 1.0}
+    rebuilt = space.recipe_for(values)
+    assert rebuilt["models"][0]["parameters"] == {"weight": 1.0} and rebuilt["parameters"]["density"] == 0.5
+    outside = SearchSpace(config({"density": {"low": 0.6, "high": 1.0}}), base)
+    assert outside.recipe_values() is None  # density 0.5 is out of range: nothing to start from
+    other = SearchSpace(config({"method": {"choices": ["dare_ties"]}, "density": {"low": 0.2, "high": 1.0}}), base)
+    assert other.recipe_values() is None
