@@ -74,20 +74,13 @@ def make_sampler(search: SearchConfig, resumed_at: int = 0):
     seed = search.seed if not resumed_at else int.from_bytes(
         hashlib.sha256(f"{search.seed}/{resumed_at}".encode()).digest()[:4], "little")
 
-    constraints = trial_constraints if search.objective.floor else None
-    if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=search.executor == "ray",
-                                          constraints_func=constraints)
+    if search.sampler == "tpe":  # floors reach TPE and NSGA-II as the trials' constraints (_record)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=search.executor == "ray")
     if search.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-def trial_constraints(trial) -> list[float]:
-    """What the trial recorded of objective.floor (floor - share; <= 0 kept); a trial without scores is infeasible."""
-    return list(trial.user_attrs.get(CONSTRAINTS_ATTR) or [1.0])
 
 
 def feasible(trial) -> bool:
@@ -237,20 +230,22 @@ def drive(study, storage, search: SearchConfig, suggest: Callable, make_job: Cal
                 counts["failed"] += 1
                 log(f"search: trial {trial.number} failed: {_one_line(error)}")
             elif result.pruned:
-                _record(trial, result)
+                _record(trial, result, search)
                 study.tell(trial, state=TrialState.PRUNED)
                 counts["pruned"] += 1
             else:
-                _record(trial, result)
+                _record(trial, result, search)
                 study.tell(trial, result.values if len(result.values) > 1 else result.values[0])
                 counts["complete"] += 1
             on_done(trial, result, error)
     return counts
 
 
-def _record(trial, result) -> None:
+def _record(trial, result, search: SearchConfig) -> None:
     trial.set_user_attr("scores", result.scores)
     trial.set_user_attr(CONSTRAINTS_ATTR, result.constraints)
+    for task, value in zip(sorted(search.objective.floor), result.constraints):  # what TPE and NSGA-II steer by
+        trial.set_constraint(f"floor.{task}", value)
     trial.set_user_attr("seconds", {"setup": round(result.setup_s, 4), "merge": round(result.merge_s, 4),
                                     "eval": round(result.eval_s, 4)})
 

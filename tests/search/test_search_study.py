@@ -40,12 +40,16 @@ def test_same_seed_same_trials_and_best_recipe(demo_quick, tmp_path):
     runs = []
     for i in range(2):
         url = f"sqlite:///{tmp_path}/optuna{i}.db"
-        out = run_search(demo_recipe(demo_quick), validate_search(search_data(url), "test"), out_dir=tmp_path / f"o{i}",
+        objective = {"tasks": {"demo_add": 1, "demo_rev": 1}, "limit": 24, "floor": {"demo_rev": 0.5}}
+        out = run_search(demo_recipe(demo_quick), validate_search(search_data(url, objective=objective), "test"),
+                         out_dir=tmp_path / f"o{i}",
                          reports_dir=tmp_path / f"r{i}", log=lambda _: None)
         runs.append(([(t.params, t.state, t.values) for t in trials(url)], (tmp_path / f"o{i}/best.yml").read_bytes(),
                      out))
     (first, best0, out0), (second, best1, _) = runs
     assert first == second and best0 == best1
+    # the floor reached every finished trial as an Optuna constraint (what TPE steers by)
+    assert all("constraints:floor.demo_rev" in t.system_attrs for t in trials(f"sqlite:///{tmp_path}/optuna0.db"))
     assert len(first) == 8 and len({json.dumps(p, sort_keys=True) for p, _, _ in first}) == 8
     recipe = yaml.safe_load(best0)
     assert recipe["merge_method"] in ("task_arithmetic", "ties") and "base_model" in recipe
