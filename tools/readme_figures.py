@@ -57,10 +57,11 @@ def record_search() -> dict:
 
 
 def _search_tables(data: dict) -> str:
-    lines = ["| executor | workers | trials | wall s | trials / min | setup + merge | scoring | other |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| executor | workers | trials | search s | trial loop s | trials / min | setup + merge | scoring | other |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["throughput"]:
-        lines.append(f"| {r['executor']} | {r['workers']} | {r['trials']} | {r['wall_s']} | {r['trials_per_min']} | "
+        lines.append(f"| {r['executor']} | {r['workers']} | {r['trials']} | {r['wall_s']} | {r['loop_s']} | "
+                     f"{r['trials_per_min']} | "
                      f"{r['setup_merge_share']:.0%} | {r['eval_share']:.0%} | {r['other_share']:.0%} |")
     lines += ["", "| space | seed | trials | best | add kept | rev kept | default: add kept | rev kept |",
               "|---|---:|---:|---|---:|---:|---:|---:|"]

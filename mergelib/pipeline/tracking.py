@@ -87,6 +87,7 @@ class StageRun:
         self.client = client
         self.run_id = run_id
         self.parent_id = parent_id
+        self._experiment_id: str | None = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened) params in batches."""
@@ -125,14 +126,22 @@ class StageRun:
         """A finished run nested under this one (a search trial): params, metrics and tags in one go; its id."""
         if self.client is None:
             return None
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        run = self.client.create_run(experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": self.run_id, "mergelib.role": "trial", **{k: str(v) for k, v in (tags or {}).items()}})
-        child = StageRun(self.client, run.info.run_id, None)
-        child.log_params(params)
-        child.log_metrics(metrics)
-        self.client.set_terminated(child.run_id, status)
-        return child.run_id
+        import time
+
+        from mlflow.entities import Metric, Param
+
+        if self._experiment_id is None:
+            self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        run = self.client.create_run(self._experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": self.run_id, "mergelib.role": "trial", **{k: str(v) for k, v in (tags or {}).items()},
+        })
+        now = int(time.time() * 1000)
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for start in range(0, max(len(items), 1), BATCH):  # one transaction for a trial's params and metrics
+            self.client.log_batch(run.info.run_id, params=items[start:start + BATCH], metrics=[] if start else [
+                Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None])
+        self.client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
 
     def log_markdown(self, path: str | Path, artifact_path: str, name: str) -> None:
         """Log a markdown file without its YAML front matter (the Hub's metadata block), which MLflow's viewer

@@ -47,11 +47,13 @@ def family_refs(recipe: Mapping[str, Any]) -> dict[str, str]:
 
 def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping[str, str] | None = None,
                out_dir: str | Path, reports_dir: str | Path, family: str = "recipe", seed: int = 0,
-               scratch: str | Path | None = None, tracker=None, log=print) -> SearchOutcome:
+               scratch: str | Path | None = None, inputs: list | None = None, tracker=None,
+               log=print) -> SearchOutcome:
     """Search `search.space` around `recipe` (mergekit recipe dict; `refs` maps its references to local paths).
 
     The study is `search.study`, else `search-<family>-<digest>`: a changed space, objective, sampler, seed or recipe
-    starts a new study, and a re-run of the same config resumes (or, when its budget is spent, only re-reports)."""
+    starts a new study, and a re-run of the same config resumes (or, when its budget is spent, only re-reports).
+    `inputs` identifies the input models' content (default: the sha256 of their files)."""
     from mergelib.config.run import map_refs
     from mergelib.search.executors import make_executor
     from mergelib.search.report import write_outputs
@@ -62,8 +64,10 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
         default_storage,
         drive,
         feasible,
+        inputs_identity,
         open_storage,
         open_study,
+        trial_result,
     )
 
     refs = dict(refs or {})
@@ -73,7 +77,9 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
         load_task(task, "validation", search.objective.limit)
     url = search.storage or default_storage()
     storage = open_storage(url, search.heartbeat_s)
-    digest = config_digest(search, dict(recipe))
+    if inputs is None:
+        inputs = inputs_identity([refs.get(r, r) for r in family_refs(recipe).values()])
+    digest = config_digest(search, dict(recipe), [*inputs, seed])
     study_name = search.study or f"search-{family}-{digest[:8]}"
     study = open_study(search, storage, study_name, digest)
     start = space.recipe_values()
@@ -126,7 +132,7 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
         held = run_trial(job(trial.number, trial_recipe, HELD_OUT, prune=False))
         best.append({"number": trial.number, "values": list(trial.values), "params": dict(trial.params),
                      "feasible": feasible(trial),
-                     "recipe": trial_recipe, "validation": dict(trial.user_attrs.get("scores", {})),
+                     "recipe": trial_recipe, "validation": dict(trial_result(trial).get("scores", {})),
                      "heldout": held.scores, "heldout_values": held.values})
     default = {split: run_trial(job(-1, dict(recipe), split, prune=False)).scores
                for split in ("validation", HELD_OUT)}
@@ -147,13 +153,13 @@ def _best_trials(study, search: SearchConfig) -> list:
     kept objective.floor when any did (else among all: the report says no trial kept it)."""
     from optuna.trial import TrialState
 
-    from mergelib.search.study import feasible
+    from mergelib.search.study import feasible, trial_result
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     pool = [t for t in complete if feasible(t)]
     if not pool and complete:  # none kept every floor: those that came closest
         def shortfall(t) -> float:
-            return round(sum(max(v, 0.0) for v in t.user_attrs.get("constraints", [])), 9)
+            return round(sum(max(v, 0.0) for v in trial_result(t).get("constraints", [])), 9)
 
         least = min(shortfall(t) for t in complete)
         pool = [t for t in complete if shortfall(t) == least]
@@ -171,11 +177,15 @@ def _dominates(a: list[float], b: list[float]) -> bool:
 
 
 def _trial_rows(study) -> list[dict[str, Any]]:
+    from mergelib.search.study import trial_result
+
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name.lower(), "values": list(t.values or []),
-                     "params": dict(t.params), "scores": dict(t.user_attrs.get("scores", {})),
-                     "seconds": dict(t.user_attrs.get("seconds", {})),
+                     "params": dict(t.params), "scores": dict(trial_result(t).get("scores", {})),
+                     "seconds": dict(trial_result(t).get("seconds", {})),
                      "error": t.user_attrs.get("error") or t.user_attrs.get("lost") or "",
-                     "lost": "lost" in t.user_attrs})
+                     "lost": "lost" in t.user_attrs,
+                     "started": t.datetime_start.timestamp() if t.datetime_start else None,
+                     "finished": t.datetime_complete.timestamp() if t.datetime_complete else None})
     return rows

@@ -21,7 +21,7 @@ from mergelib.search.config import SearchConfig
 
 CONFIG_ATTR = "mergelib.search_config"  # study user attr: digest of what the trials depend on
 ERROR_ATTR = "error"  # trial user attr: why it failed (counts toward the budget)
-CONSTRAINTS_ATTR = "constraints"  # trial user attr: floor - share per floored task
+RESULT_ATTR = "result"  # trial user attr: {scores, constraints, seconds}, written once per trial
 LOST_ATTR = "lost"  # trial user attr: its worker was lost (does not count; its values are queued again)
 STALE_FACTOR = 3  # a running trial whose heartbeat is older than this many intervals is lost
 
@@ -83,9 +83,15 @@ def make_sampler(search: SearchConfig, resumed_at: int = 0):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def trial_result(trial) -> dict[str, Any]:
+    """What a finished trial recorded: `scores` (task -> exact match), `constraints` (floor - share per floored
+    task) and `seconds` (setup, merge, eval); empty for a failed or lost one."""
+    return trial.user_attrs.get(RESULT_ATTR, {})
+
+
 def feasible(trial) -> bool:
     """Whether a finished trial kept every floor (True when the objective has none)."""
-    return all(v <= 0 for v in trial.user_attrs.get(CONSTRAINTS_ATTR, []))
+    return all(v <= 0 for v in trial_result(trial).get("constraints", []))
 
 
 def make_pruner(search: SearchConfig):
@@ -97,12 +103,22 @@ def make_pruner(search: SearchConfig):
     return optuna.pruners.NopPruner()
 
 
-def config_digest(search: SearchConfig, recipe: Mapping[str, Any]) -> str:
-    """What a trial's result depends on: the space, objective, sampler, seed and recipe (not the budget, executor
-    or storage, which may change between runs of one study)."""
+def inputs_identity(paths: list[str]) -> list[dict[str, str]]:
+    """The sha256 of every file of each input model: a changed input starts a new study instead of resuming one
+    scored on other weights (the pipeline passes the fetch lock's digests instead of hashing again)."""
+    from pathlib import Path
+
+    from mergelib.io.hashing import hash_model_dir
+
+    return [hash_model_dir(Path(p)) if Path(p).is_dir() else {} for p in paths]
+
+
+def config_digest(search: SearchConfig, recipe: Mapping[str, Any], inputs: list | None = None) -> str:
+    """What a trial's result depends on: the space, objective, sampler, seed, recipe and input files (not the
+    budget, executor or storage, which may change between runs of one study)."""
     keep = search.model_dump(mode="json", exclude={"trials", "timeout_s", "executor", "workers", "resources",
                                                    "storage", "heartbeat_s", "study"})
-    blob = json.dumps({"search": keep, "recipe": recipe}, sort_keys=True, default=str)
+    blob = json.dumps({"search": keep, "recipe": recipe, "inputs": inputs or []}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -120,8 +136,8 @@ def open_study(search: SearchConfig, storage, name: str, digest: str):
                               "name another study (search.study=NAME)")
         study.set_user_attr(CONFIG_ATTR, digest)
     elif found != digest:
-        raise SearchError(f"search.study '{name}' was started with another search config or recipe; resume it with "
-                          "the same config, or start a new study (search.study=NAME)")
+        raise SearchError(f"search.study '{name}' was started with another search config, recipe or inputs; resume "
+                          "it with the same ones, or start a new study (search.study=NAME)")
     if [d.name.lower() for d in study.directions] != directions:
         raise SearchError(f"search.study '{name}': its objectives differ from the config's; start a new study")
     resumed_at = len(study.get_trials(deepcopy=False))
@@ -242,12 +258,13 @@ def drive(study, storage, search: SearchConfig, suggest: Callable, make_job: Cal
 
 
 def _record(trial, result, search: SearchConfig) -> None:
-    trial.set_user_attr("scores", result.scores)
-    trial.set_user_attr(CONSTRAINTS_ATTR, result.constraints)
+    trial.set_user_attr(RESULT_ATTR, {  # one write: each attribute is a storage transaction
+        "scores": result.scores, "constraints": result.constraints,
+        "seconds": {k: round(v, 4) for k, v in (("setup", result.setup_s), ("merge", result.merge_s),
+                                                 ("eval", result.eval_s))},
+    })
     for task, value in zip(sorted(search.objective.floor), result.constraints):  # what TPE and NSGA-II steer by
         trial.set_constraint(f"floor.{task}", value)
-    trial.set_user_attr("seconds", {"setup": round(result.setup_s, 4), "merge": round(result.merge_s, 4),
-                                    "eval": round(result.eval_s, 4)})
 
 
 def _one_line(error: BaseException) -> str:

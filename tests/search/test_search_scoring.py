@@ -101,9 +101,25 @@ def test_floors_are_constraints_and_the_best_trial_keeps_them():
     for value, constraints in ((0.95, [0.1, -0.2]), (0.9, [-0.1, 0.0]), (0.7, [-0.3, -0.3])):
         study.add_trial(optuna.trial.create_trial(value=value, params={"weight": value},
                                                   distributions={"weight": FloatDistribution(0, 1)},
-                                                  user_attrs={"constraints": constraints}))
+                                                  user_attrs={"result": {"constraints": constraints}}))
     assert [t.number for t in _best_trials(study, search)] == [1]  # the best of those that kept every floor
     study.add_trial(optuna.trial.create_trial(value=0.99, params={"weight": 0.5},
                                               distributions={"weight": FloatDistribution(0, 1)},
-                                              user_attrs={"constraints": [0.5, 0.5]}))
+                                              user_attrs={"result": {"constraints": [0.5, 0.5]}}))
     assert [t.number for t in _best_trials(study, search)] == [1]
+
+
+def test_the_study_digest_follows_config_recipe_and_inputs_not_budget():
+    from mergelib.search.config import validate_search
+    from mergelib.search.study import config_digest
+
+    data = {"objective": {"tasks": {"demo_add": 1}}, "space": {"weight": {"low": 0, "high": 1}}}
+    base = config_digest(validate_search(data, "t"), {"merge_method": "linear"}, [{"model.safetensors": "ab"}])
+    same = config_digest(validate_search({**data, "trials": 500, "executor": "ray"}, "t"), {"merge_method": "linear"},
+                         [{"model.safetensors": "ab"}])
+    assert base == same
+    for other in (config_digest(validate_search({**data, "seed": 1}, "t"), {"merge_method": "linear"},
+                                [{"model.safetensors": "ab"}]),
+                  config_digest(validate_search(data, "t"), {"merge_method": "ties"}, [{"model.safetensors": "ab"}]),
+                  config_digest(validate_search(data, "t"), {"merge_method": "linear"}, [{"model.safetensors": "cd"}])):
+        assert other != base
