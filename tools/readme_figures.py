@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = REPO / "docs" / "figures"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
-LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "lm_eval")
+LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "lm_eval", "optuna", "ray")
 TASKS = {"demo_add": "add", "demo_rev": "rev", "demo_ppl": "bits/byte"}
 
 

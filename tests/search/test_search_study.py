@@ -160,3 +160,39 @@ def test_bad_input_is_one_line_exit_2_nothing_started(demo_quick, tmp_path, sear
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "random"])
+def test_every_sampler_repeats_itself_for_a_seed(demo_quick, tmp_path, sampler):
+    seen = []
+    for i in range(2):
+        url = f"sqlite:///{tmp_path}/optuna{i}.db"
+        data = search_data(url, trials=5, sampler=sampler, startup_trials=2,
+                           objective={"tasks": {"demo_add": 1, "demo_rev": 1}, "limit": 8})
+        run_search(demo_recipe(demo_quick), validate_search(data, "test"), out_dir=tmp_path / f"o{i}",
+                   reports_dir=tmp_path / f"r{i}", log=lambda _: None)
+        seen.append([t.params for t in trials(url)])
+    assert seen[0] == seen[1] and len(seen[0]) == 5
+    assert len({json.dumps(p, sort_keys=True) for p in seen[0]}) == 5
+
+
+def test_pareto_search_writes_every_front_point_and_its_plot(demo_quick, tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    data = search_data(url, trials=5, sampler="nsga2",
+                       objective={"tasks": {"demo_add": 1, "demo_rev": 1}, "limit": 8, "aggregate": "pareto"})
+    out = run_search(demo_recipe(demo_quick), validate_search(data, "test"), out_dir=tmp_path / "o",
+                     reports_dir=tmp_path / "r", log=lambda _: None)
+    front = sorted((tmp_path / "o/pareto").glob("trial-*.yml"))
+    assert len(front) == len(out.best) >= 1
+    assert (tmp_path / "o/best.yml").read_text() in {p.read_text() for p in front}  # the front's best mean
+    assert all(len(p["values"]) == 2 for p in out.best)
+    assert (tmp_path / "r/search_pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_wall_time_budget_stops_the_search(demo_quick, tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    data = search_data(url, trials=None, timeout_s=2, objective={"tasks": {"demo_add": 1}, "limit": 8})
+    out = run_search(demo_recipe(demo_quick), validate_search(data, "test"), out_dir=tmp_path / "o",
+                     reports_dir=tmp_path / "r", log=lambda _: None)
+    assert out.counts["complete"] + out.counts["pruned"] >= 1
+    assert all(t.state != TrialState.RUNNING for t in trials(url))
