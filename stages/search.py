@@ -21,10 +21,12 @@ def run(config, tracker) -> str:
         raise MergelibError("search: no `search:` node; add search=demo (conf/search/) or define search.space")
     if not Path(config.paths.lock).is_file():
         fetch_inputs(config.input_refs(), config.paths.models, config.models)
-    refs = pinned_refs(read_lock(config.paths.lock), config.input_refs(), config.paths.lock)
+    lock = read_lock(config.paths.lock)
+    refs = pinned_refs(lock, config.input_refs(), config.paths.lock)  # checks every file against its sha256
+    inputs = [lock[ref].files for ref in config.input_refs()]
     outcome = run_search(config.recipe(), config.search, refs=refs, out_dir=config.paths.search,
                          reports_dir=f"{config.paths.reports}/search", family=config.models.name, seed=config.seed,
-                         tracker=tracker)
+                         inputs=inputs, tracker=tracker)
     study = outcome.study
     top, counts = outcome.best[0], outcome.counts
     held = ", ".join(f"{t} {v:.3f}" for t, v in sorted(top["heldout"].items()))
