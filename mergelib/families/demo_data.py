@@ -113,16 +113,7 @@ def write_validation_data(data_dir: Path, skills: tuple[str, ...] = tuple(SKILLS
                           n: int = VALIDATION_SIZE) -> dict[str, Path]:
     """Write `<skill>_validation.jsonl` per skill (and `ppl_validation.jsonl`) into `data_dir`, in the layout of
     `write_eval_data`; returns name -> path. Same arguments, same bytes."""
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    texts: list[str] = []
-    for name in skills:
-        rows = validation(name, n)
-        paths[name] = _write_jsonl(data_dir / f"{name}_validation.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
-        texts += [p + a for p, a in rows]
-    paths["ppl"] = _write_jsonl(data_dir / "ppl_validation.jsonl", [{"text": t} for t in texts])
-    return paths
+    return _write_prompt_sets(Path(data_dir), {name: validation(name, n) for name in skills}, "_validation")
 
 
 def copy_example(rng: random.Random) -> Example:
@@ -174,15 +165,18 @@ class Streams:
 def write_eval_data(data_dir: Path, skills: tuple[str, ...] = tuple(SKILLS), n: int = HELDOUT_SIZE) -> dict[str, Path]:
     """Write `<skill>.jsonl` ({"prompt", "answer"}) per skill and `ppl.jsonl` ({"text"}: the solved held-out
     problems) into `data_dir`; returns name -> path. Same arguments, same bytes."""
-    data_dir = Path(data_dir)
+    return _write_prompt_sets(Path(data_dir), {name: heldout(name, n) for name in skills}, "")
+
+
+def _write_prompt_sets(data_dir: Path, sets: dict[str, list[Example]], suffix: str) -> dict[str, Path]:
+    """`<skill><suffix>.jsonl` per prompt set and `ppl<suffix>.jsonl` (every solved prompt, in set order)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     texts: list[str] = []
-    for name in skills:
-        rows = heldout(name, n)
-        paths[name] = _write_jsonl(data_dir / f"{name}.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
+    for name, rows in sets.items():
+        paths[name] = _write_jsonl(data_dir / f"{name}{suffix}.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
         texts += [p + a for p, a in rows]
-    paths["ppl"] = _write_jsonl(data_dir / "ppl.jsonl", [{"text": t} for t in texts])
+    paths["ppl"] = _write_jsonl(data_dir / f"ppl{suffix}.jsonl", [{"text": t} for t in texts])
     return paths
 
 

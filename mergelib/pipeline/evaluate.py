@@ -127,12 +127,14 @@ def _quiet(enabled: bool = True):
             lg.setLevel(level)
 
 
-def _load(model_dir: Path):
+def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
+    """(model in eval mode, tokenizer), float32 on CPU; the tokenizer from `tokenizer_dir` when given (a merge
+    written without one). InputModelError, one line, when either cannot be loaded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -162,7 +164,7 @@ def evaluate_model(model_dir: str | Path, tasks: Sequence[str | Mapping[str, Any
     out: dict[str, Any] = {"metrics": {}, "examples": {}}
     try:
         with _quiet(quiet):
-            model, tokenizer = _load(Path(model_dir))
+            model, tokenizer = load_model(model_dir)
             for rolling in (False, True):
                 specs = [t.spec for t in resolved if t.rolling == rolling]
                 if not specs:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mergelib.errors import InputModelError, MergelibError
+from mergelib.errors import MergelibError
 
 SPLITS = ("validation", "test")  # validation: what a search tunes on; test: the evaluate stage's held-out prompts
 
@@ -73,22 +73,17 @@ def load_task(name: str, split: str = "validation", limit: int | None = None) ->
 
 
 def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
-    """(model, tokenizer) for scoring, float32 on CPU; the tokenizer from `tokenizer_dir` when the model has none."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) for scoring, as the evaluate stage loads them (float32, CPU), quietly; the tokenizer from
+    `tokenizer_dir` when the model has none."""
     from transformers.utils import logging as hf_logging
+
+    from mergelib.pipeline.evaluate import load_model as load_for_eval
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # a bar per model load would bury the search's own lines
     model_dir = Path(model_dir)
-    source = model_dir if (model_dir / "tokenizer_config.json").is_file() or tokenizer_dir is None else tokenizer_dir
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputModelError(f"{model_dir}: cannot load the model for scoring ({first})") from None
-    return model.eval(), tokenizer
+    has_own = (model_dir / "tokenizer_config.json").is_file()
+    return load_for_eval(model_dir, None if has_own else tokenizer_dir)
 
 
 def greedy_answers(model, tokenizer, task: TaskPrompts, batch_size: int = 256) -> list[str]:
