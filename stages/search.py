@@ -1,6 +1,6 @@
-"""Stage search: tune the recipe in the `merge` node over conf/search/'s space, on validation prompts, with an Optuna
-study (resumable: its storage is sqlite beside mlflow.db unless search.storage names another); writes
-paths.search/best.yml and reports/search/.
+"""Stage search (on demand, outside `dvc repro`): tune the recipe in the `merge` node over conf/search/'s space, on
+validation prompts, with an Optuna study (resumable: its storage is sqlite beside mlflow.db unless search.storage
+names another); writes paths.search/best.yml and reports/search/.
 
     python -m stages.search [search.trials=60 search.executor=ray search.seed=1 ...]
 """

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("fetch", "search", "merge", "tokenizer", "evaluate", "export", "publish")
+STAGES = ("fetch", "merge", "tokenizer", "evaluate", "export", "publish")
 
 
 def _json(path: str | Path) -> dict:
@@ -38,8 +38,6 @@ def rows(config) -> list[tuple[str, str, str]]:
     doc = _json(f"{p.reports}/metrics.json")
     exports = _json(f"{p.reports}/export.json").get("export", {})
     manifest = _json(f"{p.publish}/manifest.json")
-    found = _json(f"{p.reports}/search/search.json")
-    searched = ", ".join(f"{t} {v:.3f}" for t, v in sorted(found.get("heldout", {}).items()))
     knobs = {"density": config.density, "weight": config.weight, "t": config.t}
     used = " ".join(f"{k}={v}" for k, v in knobs.items() if k in config.recipe().get("parameters", {}))
     accuracy = ", ".join(f"{t} {m['exact_match']:.3f}" for t, m in sorted(doc.get("merged", {}).items())
@@ -48,8 +46,6 @@ def rows(config) -> list[tuple[str, str, str]]:
                        for n, c in sorted(exports.items())) or "nothing exported"
     return [
         ("fetch", p.lock, f"{len(lock)} models locked: {pins}"),
-        ("search", f"{p.search}/best.yml", f"{found.get('trials', '?')} trials; best recipe held-out "
-                                           f"{searched or '?'} (merge it: recipe_file={p.search}/best.yml)"),
         ("merge", p.merged, f"{config.method} {used}: {merged.get('tensors', '?')} tensors, {_mb(p.merged)}, "
                             f"{merged.get('seconds', '?')} s, peak RSS {merged.get('peak_rss_mb', '?')} MB"),
         ("tokenizer", p.tokenizer, f"{tok.get('tokens', '?')} tokens, {len(tok.get('added_tokens') or {})} added, "
@@ -112,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repro_seconds is not None:
         print(f"\ndvc repro took {args.repro_seconds:.0f} s")
     print(f"MLflow: {tracking_uri()}  (browse: mlflow ui --backend-store-uri {tracking_uri()})")
-    print(f"Reports: {config.paths.reports}/eval_table.md, accuracy.png, search/search_report.md "
-          "(`dvc plots show` puts the plots in dvc_plots/index.html)")
+    print(f"Reports: {config.paths.reports}/eval_table.md, accuracy.png "
+          "(`dvc plots show` puts it in dvc_plots/index.html)")
+    print("Find a better recipe: python -m stages.search (then python -m stages.merge "
+          f"recipe_file={config.paths.search}/best.yml)")
     print("Compare experiments: commit dvc.lock and reports/ as the baseline, then dvc exp run -S method=ties "
           "-S density=0.5 and dvc exp show --drop '.*' --keep "
           "'Experiment|^(method|density|weight)$|demo_(add|rev)$|merge_s|rss_mb'")

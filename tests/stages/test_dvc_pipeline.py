@@ -24,11 +24,11 @@ import yaml
 from stage_cli import copy_worktree, run, stage, stage_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # mlflow
-STAGES = ("fetch", "search", "merge", "tokenizer", "evaluate", "export", "publish")
+STAGES = ("fetch", "merge", "tokenizer", "evaluate", "export", "publish")
 PRODUCTS = ("models", "outputs", "reports/metrics.json", "reports/eval_samples.json", "reports/skill_accuracy.csv",
             "reports/export.json", "reports/tokenizer_report.md")
 EVAL_PRODUCTS = ("reports/metrics.json", "reports/eval_samples.json", "reports/skill_accuracy.csv", "outputs/publish")
-FAST = ("models=tiny", "eval=quick", "search=tiny")  # the family, suite and search of the fast test
+FAST = ("models=tiny", "eval=quick")  # the family and suite of the fast test
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -163,7 +163,13 @@ def test_repro_stage_command_publish_and_eval_only_change(tmp_path):
 
 
 def check_search(root: Path, env: dict) -> None:
-    """The search stage's recipe is what the merge stage (recipe_file=) and `mergelib merge` take as they are."""
+    """The search stage (on demand, outside `dvc repro`) writes a recipe the merge stage (recipe_file=) and
+    `mergelib merge` take as they are, and a metric `dvc metrics show` reads."""
+    proc = stage("search", *FAST, "search=tiny", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "search: 4 trials run now" in proc.stdout
+    shown = dvc(["metrics", "show", "reports/search/search.json"], root, env).stdout
+    assert "heldout.demo_add" in shown
     metrics = json.loads((root / "reports/search/search.json").read_text())
     assert metrics["trials"] == 4 and set(metrics["heldout"]) == {"demo_add", "demo_rev"}
     best = root / "outputs/search/best.yml"

@@ -12,11 +12,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-STAGES = ("fetch", "search", "merge", "tokenizer", "evaluate", "export", "publish")
+STAGES = ("fetch", "merge", "tokenizer", "evaluate", "export", "publish")
 # Exactly what each stage may re-run on: an eval knob must never re-run the merge.
 STAGE_PARAMS = {
     "fetch": {"models", "paths.models"},
-    "search": {"search", "merge", "seed", "paths.search"},
     "merge": {"merge", "recipe_file", "seed", "paths.merged"},
     "tokenizer": {"paths.tokenizer"},
     "evaluate": {"eval"},
@@ -120,13 +119,12 @@ def test_the_dependency_check_fails_when_a_module_is_left_out():
         assert missing_merge_deps([d for d in deps if d != dep]), f"{dep} is listed but the check does not need it"
 
 
-def test_plots_are_images_the_stages_write():
+def test_plots_are_images_the_evaluate_stage_writes():
     """Vega plots need scripts from a CDN and render blank offline; images render anywhere."""
-    outs = set(entries(STAGE_DEFS["evaluate"], "outs")) | set(entries(STAGE_DEFS["search"], "outs"))
+    outs = set(entries(STAGE_DEFS["evaluate"], "outs"))
     plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     files = {resolved(p) if isinstance(p, str) else None for p in plots}
-    assert files == {"reports/accuracy.png", "reports/search/search_history.png",
-                     "reports/search/search_importances.png"} and files <= outs
+    assert files == {"reports/accuracy.png"} and files <= outs
     assert "dvc_plots/" in (REPO / ".gitignore").read_text().split()
 
 
@@ -138,5 +136,4 @@ def test_bytecode_is_ignored_by_dvc():
 def test_dvc_metrics_are_only_what_experiments_compare():
     """`dvc exp show` was ~180 columns: the parents' scores and every export check were metrics."""
     metrics = {name: entries(stage, "metrics") for name, stage in STAGE_DEFS.items() if stage.get("metrics")}
-    assert metrics == {"merge": ["reports/merge.json"], "evaluate": ["reports/scores.json"],
-                       "search": ["reports/search/search.json"]}
+    assert metrics == {"merge": ["reports/merge.json"], "evaluate": ["reports/scores.json"]}
