@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--unsafe-truncate-embeddings", action="store_true",
                    help="merge embeddings of different vocabulary sizes by keeping their first rows (no tokenizer: "
                         "block); without it that is an error, as in mergekit 0.1.5")
+    m.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="ray: each output shard a Ray task (local Ray, or RAY_ADDRESS); the same bytes as local")
+    m.add_argument("--workers", type=positive_int, default=None,
+                   help="shard tasks at once on a local Ray (default: the cores; --threads each, default 1)")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, memory) and stop")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--intermediate-dir", "-I", default=None,
@@ -177,7 +181,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer, allow_crimes=args.allow_crimes,
         trust_remote_code=args.trust_remote_code, quiet=args.quiet, dry_run=args.dry_run, dtype=args.dtype,
         memory_budget=args.memory_budget, allow_nan=args.allow_nan,
-        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
+        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings, executor=args.executor, workers=args.workers,
     )
     plan = result.plan
     threads = args.threads or default_threads()
@@ -212,7 +216,7 @@ def cmd_multi(args: argparse.Namespace, recipes) -> int:
         out_shard_size=args.out_shard_size, threads=args.threads, copy_tokenizer=args.copy_tokenizer,
         allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code, quiet=args.quiet,
         dtype=args.dtype, memory_budget=args.memory_budget, allow_nan=args.allow_nan,
-        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings,
+        unsafe_truncate_embeddings=args.unsafe_truncate_embeddings, executor=args.executor, workers=args.workers,
     )
     for run in result.stages:
         label = run.name or "(final)"

@@ -177,6 +177,7 @@ def test_run_config_is_frozen():
         (["search.sampler=bayes"], ["search.sampler:", "'tpe'", "(got 'bayes')"]),
         (["search.space.density.low=2"], ["search.space.density", "empty range: low 2.0 must be below high 1.0"]),
         (["search.objective.aggregate=max"], ["search.objective.aggregate", "'pareto'"]),
+        (["merge_executor=spark"], ["merge_executor:", "'local' or 'ray'", "(got 'spark')"]),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragments):

@@ -8,7 +8,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergelib.config.recipe import MergeRecipe, load_recipe
@@ -19,7 +19,7 @@ from mergelib.io.journal import Journal, plan_key
 from mergelib.io.process import peak_rss
 from mergelib.io.writer import write_index
 from mergelib.merging.card import model_card
-from mergelib.merging.engine import execute
+from mergelib.merging.engine import default_memory_budget, execute
 from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan
 from mergelib.merging.planner import build_plan
@@ -54,6 +54,10 @@ class MergeResult:
     recipe_yaml: str
     plan: MergePlan
     shards_reused: int = 0  # complete shards kept from an interrupted earlier run
+    worker_peak_rss_bytes: list[int] = field(default_factory=list)  # executor="ray": each shard task's peak RSS
+
+
+EXECUTORS = ("local", "ray")  # where a merge's shards are computed: this process, or Ray tasks
 
 
 def library_versions() -> dict[str, str]:
@@ -132,16 +136,22 @@ def merge(
     memory_budget: int | None = None,
     allow_nan: bool = False,
     unsafe_truncate_embeddings: bool = False,
+    executor: str = "local",
+    workers: int | None = None,
 ) -> MergeResult:
-    """Merge the models of `recipe` into `out_dir`; a previous output there is replaced only on success."""
+    """Merge the models of `recipe` into `out_dir`; a previous output there is replaced only on success.
+
+    `executor="ray"` writes each output shard as a Ray task (`workers` at once on a local Ray, each with `threads`
+    threads; RAY_ADDRESS for a cluster whose workers see the inputs and `out_dir`): the same bytes as "local"."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    plan = plan_merge(
-        recipe, out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
-        trust_remote_code=trust_remote_code, allow_nan=allow_nan,
-        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-    )
-    threads = threads or default_threads()
+    if executor not in EXECUTORS:
+        raise OutputError(f"executor '{executor}': choose {' or '.join(EXECUTORS)}")
+    plan_kwargs = dict(out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
+                       trust_remote_code=trust_remote_code, allow_nan=allow_nan,
+                       unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+    plan = plan_merge(recipe, **plan_kwargs)
+    threads = threads or (1 if executor == "ray" else default_threads())
     if dry_run:
         return MergeResult(out_dir, len(plan.jobs), plan.bytes_read, plan.bytes_written, 0.0, 0, {}, seed,
                            plan.recipe.to_yaml(), plan)
@@ -160,8 +170,17 @@ def merge(
     journal = Journal(staged, key)
     try:
         metadata = {"format": "pt", "mergelib_version": library_versions()["mergelib"]}
-        reused = execute(plan, staged, seed=seed, threads=threads, memory_budget=memory_budget, quiet=quiet,
-                         metadata=metadata, journal=journal)
+        if executor == "ray":
+            from mergelib.merging.distributed import execute_on_ray
+
+            reused, worker_peaks = execute_on_ray(
+                plan_merge, recipe, plan_kwargs, plan, staged, seed=seed, workers=workers or default_threads(),
+                threads=threads, memory_budget=memory_budget or default_memory_budget(plan, threads), metadata=metadata,
+                journal=journal)
+        else:
+            reused = execute(plan, staged, seed=seed, threads=threads, memory_budget=memory_budget, quiet=quiet,
+                             metadata=metadata, journal=journal)
+            worker_peaks = []
         write_index(staged, plan.shards, {"mergelib_version": metadata["mergelib_version"]})
         (staged / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if copy_tokenizer or plan.tokenizer is not None:
@@ -186,7 +205,8 @@ def merge(
         shutil.rmtree(stale, ignore_errors=True)
     peak = peak_rss()
     return MergeResult(out_dir, len(plan.jobs), plan.bytes_read, plan.bytes_written,
-                       time.perf_counter() - started, peak, hashes, seed, plan.recipe.to_yaml(), plan, reused)
+                       time.perf_counter() - started, peak, hashes, seed, plan.recipe.to_yaml(), plan, reused,
+                       worker_peaks)
 
 
 def _run_key(plan: MergePlan, seed: int, files: list[Path]) -> str:

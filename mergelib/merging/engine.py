@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Collection
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -189,14 +190,17 @@ def execute(
     quiet: bool = False,
     metadata: dict[str, str] | None = None,
     journal: Journal | None = None,
+    shards: Collection[str] | None = None,
 ) -> int:
-    """Compute every planned tensor and write the shards into `out_dir` (which must exist).
+    """Compute every planned tensor (of `shards` only, when given) and write the shards into `out_dir` (which
+    must exist).
 
     Shards the journal lists as complete and verified are kept as they are; each shard finished here is synced,
     hashed and recorded. Returns the number of shards reused.
     """
     out_dir = Path(out_dir)
-    reused = journal.verified() if journal is not None else set()
+    kept = journal.verified() if journal is not None else set()
+    reused = kept | (set(plan.shards) - set(shards) if shards is not None else set())  # not written here
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
     jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
     remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
@@ -274,7 +278,7 @@ def execute(
         for handle in files.values():
             handle.close()
         bar.close()
-    return len(reused)
+    return len(kept)
 
 
 __all__ = ["MemoryBudget", "MergelibError", "compute", "execute", "default_memory_budget", "load_source"]

@@ -211,6 +211,8 @@ def merge_multi(
     memory_budget: int | None = None,
     allow_nan: bool = False,
     unsafe_truncate_embeddings: bool = False,
+    executor: str = "local",
+    workers: int | None = None,
 ) -> MultiResult:
     """Run every document of a multi-document recipe; named stages go to `intermediate_dir/<name>` (default: the
     sibling `<OUT>.intermediate`) and are reused while their key is unchanged; the final document goes to OUT."""
@@ -221,7 +223,8 @@ def merge_multi(
     options = dict(out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
                    trust_remote_code=trust_remote_code, allow_nan=allow_nan, copy_tokenizer=copy_tokenizer,
                    unsafe_truncate_embeddings=unsafe_truncate_embeddings)
-    run_options = dict(options, threads=threads, quiet=quiet, memory_budget=memory_budget, seed=seed)
+    run_options = dict(options, threads=threads, quiet=quiet, memory_budget=memory_budget, seed=seed,
+                       executor=executor, workers=workers)
     keys: dict[str, str] = {}
     dirs: dict[str, str] = {}
     runs: list[StageRun] = []
