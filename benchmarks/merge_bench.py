@@ -9,6 +9,8 @@ ru_maxrss, the largest over the merge's runs.
 
     python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties] [--repeat 2]
                                      [--out reports/bench.json]
+    python benchmarks/merge_bench.py --executor ray --workers 2 --sizes 1b --shard-size 500000000
+                                     [--out reports/bench_ray.json]   (Ray shard tasks against the local merge)
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ for fname, slots in plan.shards.items():
         del read
     save_file(tensors, out / fname, metadata={"format": "pt"})
     del tensors
+"""
+
+
+RAY_SCRIPT = r"""
+import json, sys, time
+from mergelib import merge
+t = time.perf_counter()
+result = merge(sys.argv[1], sys.argv[2], quiet=True, out_shard_size=int(sys.argv[3]), executor="ray",
+               workers=int(sys.argv[4]))
+print(json.dumps([time.perf_counter() - t, result.worker_peak_rss_bytes]))
 """
 
 
@@ -107,7 +119,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of the floor and of the merge, alternating; the fastest of each is reported")
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench.json"))
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="ray: time `--executor ray` against the local merge instead of the IO floor")
+    parser.add_argument("--workers", type=int, default=2, help="Ray shard tasks at once (--executor ray)")
+    parser.add_argument("--shard-size", default=str(5_000_000_000),
+                        help="output shard bytes (Ray splits a merge by shards: give several, e.g. 500000000)")
     args = parser.parse_args()
+    if args.executor == "ray":
+        return bench_ray(args)
 
     import torch
 
@@ -125,7 +144,7 @@ def main() -> None:
             for case in args.cases:
                 recipe = tmp / f"{case}.yml"
                 recipe.write_text(yaml.safe_dump(all_recipes[case]))
-                shard = str(5_000_000_000)
+                shard = args.shard_size
                 floor_runs, merge_runs = [], []
                 for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
                     floor_runs.append(measure_child(
@@ -151,6 +170,50 @@ def main() -> None:
     for r in rows:
         print(f"| {r['size']} | {r['case']} | {r['merge_s']} | {r['floor_s']} | {r['ratio']} | "
               f"{r['merge_peak_rss_mb']} | {r['output_mb']} |")
+
+
+def bench_ray(args) -> None:
+    """The same merge in-process (`--threads`) and as Ray shard tasks (`--workers`, one thread each), alternating:
+    time ratio, the driver's peak RSS and each worker's, and identical bytes."""
+    import hashlib
+
+    import torch
+
+    from mergelib.families.tiny import ensure_family
+
+    def digests(root: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*.safetensors"))}
+
+    rows = []
+    for size in args.sizes:
+        family = ensure_family(CACHE / size, size=size, n_finetunes=3, seed=0, dtype=torch.bfloat16)
+        all_recipes = recipes(family)
+        warm_page_cache([family.base, *family.finetunes])
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            tmp = Path(tmp)
+            for case in args.cases:
+                recipe = tmp / f"{case}.yml"
+                recipe.write_text(yaml.safe_dump(all_recipes[case]))
+                local, ray = [], []
+                for _ in range(max(1, args.repeat)):
+                    local.append(measure_child(
+                        [sys.executable, "-m", "mergelib", "merge", str(recipe), str(tmp / "local"), "--quiet",
+                         "--threads", str(args.threads), "--out-shard-size", args.shard_size]))
+                    out = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(recipe), str(tmp / "ray"),
+                                          args.shard_size, str(args.workers)], check=True, capture_output=True,
+                                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                    ray.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                local_s = min(t for t, _ in local)
+                ray_s = min(t for t, _ in ray)
+                row = {"size": size, "case": case, "shards": len(list((tmp / "local").glob("*.safetensors"))),
+                       "local_s": round(local_s, 2), "ray_s": round(ray_s, 2), "ratio": round(ray_s / local_s, 2),
+                       "local_peak_rss_mb": round(max(r for _, r in local) / 1e6),
+                       "worker_peak_rss_mb": round(max(max(p) for _, p in ray) / 1e6),
+                       "identical": digests(tmp / "local") == digests(tmp / "ray")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The README's measured figures, so they cannot go stale: `--record NAME` copies what the last run measured into
 docs/figures/NAME.json with the library versions it ran under (demo: reports/ after `make demo`; sweep and smollm2:
 reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
-reports/bench.json after `make bench`; search: reports/search_bench.json after `make bench-search`). With no
-argument (`make readme-figures`) every figures block of README.md is re-rendered from those files; `--check` exits 1
-when a block differs from its file.
+reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`;
+search: reports/search_bench.json after `make bench-search`). With no argument (`make readme-figures`) every figures
+block of README.md is re-rendered from those files; `--check` exits 1 when a block differs from its file.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def record_search() -> dict:
 
 
 def _search_tables(data: dict) -> str:
-    lines = ["| executor | workers | trials | search s | trial loop s | trials / min | setup + merge | scoring | other |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| executor | workers | trials | search s | trial loop s | trials / min | setup + merge | scoring | "
+             "other |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["throughput"]:
         lines.append(f"| {r['executor']} | {r['workers']} | {r['trials']} | {r['wall_s']} | {r['loop_s']} | "
                      f"{r['trials_per_min']} | "
@@ -70,6 +70,20 @@ def _search_tables(data: dict) -> str:
         lines.append(f"| {r['space']} | {r['seed']} | {r['trials']} | trial {r['best_trial']} ({r['method']}) | "
                      f"{share['demo_add']:.1%} | {share['demo_rev']:.1%} | {default['demo_add']:.1%} | "
                      f"{default['demo_rev']:.1%} |")
+    return "\n".join(lines)
+
+
+def record_bench_ray() -> dict:
+    """A Ray merge against the local one, from reports/bench_ray.json (merge_bench.py --executor ray)."""
+    return {"rows": json.loads((REPO / "reports" / "bench_ray.json").read_text())}
+
+
+def _bench_ray_table(rows: list[dict]) -> str:
+    lines = ["| family | case | shards | local s | Ray s | Ray / local | local peak RSS MB | worker peak RSS MB | "
+             "same bytes |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['case']} | {r['shards']} | {r['local_s']} | {r['ray_s']} | {r['ratio']}x | "
+                     f"{r['local_peak_rss_mb']} | {r['worker_peak_rss_mb']} | {'yes' if r['identical'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -102,6 +116,8 @@ def render(name: str, data: dict) -> str:
                 "bits per byte on held-out text (lower is better).\n\n" + _table(data["rows"], bold="merged"))
     elif name in ("sweep", "smollm2"):
         text = _table(data["rows"])
+    elif name == "bench_ray":
+        text = _bench_ray_table(data["rows"])
     elif name.startswith("bench"):
         text = _bench_table(data["rows"])
     elif name == "search":
@@ -127,7 +143,7 @@ def main(argv: list[str]) -> int:
     if "--record" in argv:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
-                     "bench_slow": record_bench, "search": record_search}
+                     "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2

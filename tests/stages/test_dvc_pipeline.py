@@ -226,7 +226,7 @@ def test_experiments_compare_and_queue(tmp_path):
     rows = list(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv"], root, env).stdout)))
     assert {("ties", "ties"), ("slerp", "slerp")} <= {(row["Experiment"], row["method"]) for row in rows}
     assert any(row["method"] == "dare_ties" and row["density"] == "0.3" for row in rows)
-    bpb = {row["method"]: row["merged.demo_ppl.bits_per_byte"] for row in rows if row["merged.demo_ppl.bits_per_byte"]}
+    bpb = {row["method"]: row["demo_ppl_bpb"] for row in rows if row.get("demo_ppl_bpb")}  # scores.json
     assert len(set(bpb.values())) == len(bpb) >= 4  # four methods, four different models
 
 
