@@ -85,8 +85,8 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
     start = space.recipe_values()
     if start is not None and not study.get_trials(deepcopy=False):
         study.enqueue_trial(start, user_attrs={"start": "the base recipe"})  # the search starts from what it was given
-    local = lambda r: map_refs(r, refs)  # noqa: E731
-    lead = local(recipe).get("base_model") or local(recipe)["models"][0]["model"]
+    local_recipe = map_refs(recipe, refs)
+    lead = local_recipe.get("base_model") or local_recipe["models"][0]["model"]  # whose tokenizer scores
     parents = {label: {split: score_model(refs.get(ref, ref), tasks, split,
                                           search.objective.limit if split == "validation" else None, lead)
                        for split in ("validation", HELD_OUT)}
@@ -97,7 +97,7 @@ def run_search(recipe: Mapping[str, Any], search: SearchConfig, *, refs: Mapping
     scratch = Path(scratch or tempfile.gettempdir()) / f"mergelib-search-{study_name}"
 
     def job(number: int, trial_recipe: dict, split: str = "validation", prune: bool = True) -> TrialJob:
-        mapped = local(trial_recipe)
+        mapped = map_refs(trial_recipe, refs)
         return TrialJob(number, mapped, seed, search.objective, parents_best,
                         search.prune_after if prune and search.pruner != "none" and not search.pareto else None,
                         merge_mode(mapped, search.merge), str(scratch), search.threads, split)
