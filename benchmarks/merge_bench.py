@@ -111,6 +111,33 @@ def warm_page_cache(paths) -> None:
                     pass
 
 
+def case_recipes(args):
+    """(size, case, recipe file, scratch dir) for every size and case, each family built once (cached) with a warm
+    page cache: what both benchmarks iterate over."""
+    import torch
+
+    from mergelib.families.tiny import ensure_family
+
+    for size in args.sizes:
+        t0 = time.perf_counter()
+        family = ensure_family(CACHE / size, size=size, n_finetunes=3, seed=0, dtype=torch.bfloat16)
+        print(f"[{size}] family ready in {time.perf_counter() - t0:.0f}s", flush=True)
+        all_recipes = recipes(family)
+        warm_page_cache([family.base, *family.finetunes])
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            tmp = Path(tmp)
+            for case in args.cases:
+                recipe = tmp / f"{case}.yml"
+                recipe.write_text(yaml.safe_dump(all_recipes[case]))
+                yield size, case, recipe, tmp
+
+
+def merge_command(args, recipe: Path, out: Path) -> list[str]:
+    """`mergelib merge` of `recipe` into `out`, in-process threads, the benchmark's shard size."""
+    return [sys.executable, "-m", "mergelib", "merge", str(recipe), str(out), "--quiet", "--threads",
+            str(args.threads), "--out-shard-size", args.shard_size]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["120m", "1b"])
@@ -128,41 +155,24 @@ def main() -> None:
     if args.executor == "ray":
         return bench_ray(args)
 
-    import torch
-
-    from mergelib.families.tiny import ensure_family
-
     rows = []
-    for size in args.sizes:
-        t0 = time.perf_counter()
-        family = ensure_family(CACHE / size, size=size, n_finetunes=3, seed=0, dtype=torch.bfloat16)
-        print(f"[{size}] family ready in {time.perf_counter() - t0:.0f}s", flush=True)
-        all_recipes = recipes(family)
-        warm_page_cache([family.base, *family.finetunes])
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            tmp = Path(tmp)
-            for case in args.cases:
-                recipe = tmp / f"{case}.yml"
-                recipe.write_text(yaml.safe_dump(all_recipes[case]))
-                shard = args.shard_size
-                floor_runs, merge_runs = [], []
-                for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
-                    floor_runs.append(measure_child(
-                        [sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), shard]))
-                    merge_runs.append(measure_child(
-                        [sys.executable, "-m", "mergelib", "merge", str(recipe), str(tmp / "merged"), "--quiet",
-                         "--threads", str(args.threads), "--out-shard-size", shard]))
-                floor_s, floor_rss = min(floor_runs)
-                merge_s = min(t for t, _ in merge_runs)
-                merge_rss = max(rss for _, rss in merge_runs)
-                size_bytes = sum(p.stat().st_size for p in (tmp / "merged").glob("*.safetensors"))
-                row = {
-                    "size": size, "case": case, "merge_s": round(merge_s, 2), "floor_s": round(floor_s, 2),
-                    "ratio": round(merge_s / floor_s, 2), "merge_peak_rss_mb": round(merge_rss / 1e6),
-                    "floor_peak_rss_mb": round(floor_rss / 1e6), "output_mb": round(size_bytes / 1e6),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for size, case, recipe, tmp in case_recipes(args):
+        floor_runs, merge_runs = [], []
+        for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
+            floor_runs.append(measure_child(
+                [sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), args.shard_size]))
+            merge_runs.append(measure_child(merge_command(args, recipe, tmp / "merged")))
+        floor_s, floor_rss = min(floor_runs)
+        merge_s = min(t for t, _ in merge_runs)
+        merge_rss = max(rss for _, rss in merge_runs)
+        size_bytes = sum(p.stat().st_size for p in (tmp / "merged").glob("*.safetensors"))
+        row = {
+            "size": size, "case": case, "merge_s": round(merge_s, 2), "floor_s": round(floor_s, 2),
+            "ratio": round(merge_s / floor_s, 2), "merge_peak_rss_mb": round(merge_rss / 1e6),
+            "floor_peak_rss_mb": round(floor_rss / 1e6), "output_mb": round(size_bytes / 1e6),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| size | case | merge s | IO floor s | ratio | merge peak RSS MB | output MB |")
@@ -177,41 +187,27 @@ def bench_ray(args) -> None:
     time ratio, the driver's peak RSS and each worker's, and identical bytes."""
     import hashlib
 
-    import torch
-
-    from mergelib.families.tiny import ensure_family
-
     def digests(root: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*.safetensors"))}
 
     rows = []
-    for size in args.sizes:
-        family = ensure_family(CACHE / size, size=size, n_finetunes=3, seed=0, dtype=torch.bfloat16)
-        all_recipes = recipes(family)
-        warm_page_cache([family.base, *family.finetunes])
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            tmp = Path(tmp)
-            for case in args.cases:
-                recipe = tmp / f"{case}.yml"
-                recipe.write_text(yaml.safe_dump(all_recipes[case]))
-                local, ray = [], []
-                for _ in range(max(1, args.repeat)):
-                    local.append(measure_child(
-                        [sys.executable, "-m", "mergelib", "merge", str(recipe), str(tmp / "local"), "--quiet",
-                         "--threads", str(args.threads), "--out-shard-size", args.shard_size]))
-                    out = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(recipe), str(tmp / "ray"),
-                                          args.shard_size, str(args.workers)], check=True, capture_output=True,
-                                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                    ray.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                local_s = min(t for t, _ in local)
-                ray_s = min(t for t, _ in ray)
-                row = {"size": size, "case": case, "shards": len(list((tmp / "local").glob("*.safetensors"))),
-                       "local_s": round(local_s, 2), "ray_s": round(ray_s, 2), "ratio": round(ray_s / local_s, 2),
-                       "local_peak_rss_mb": round(max(r for _, r in local) / 1e6),
-                       "worker_peak_rss_mb": round(max(max(p) for _, p in ray) / 1e6),
-                       "identical": digests(tmp / "local") == digests(tmp / "ray")}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for size, case, recipe, tmp in case_recipes(args):
+        local, ray = [], []
+        for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
+            local.append(measure_child(merge_command(args, recipe, tmp / "local")))
+            out = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(recipe), str(tmp / "ray"), args.shard_size,
+                                  str(args.workers)], check=True, capture_output=True, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            ray.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        local_s = min(t for t, _ in local)
+        ray_s = min(t for t, _ in ray)
+        row = {"size": size, "case": case, "shards": len(list((tmp / "local").glob("*.safetensors"))),
+               "local_s": round(local_s, 2), "ray_s": round(ray_s, 2), "ratio": round(ray_s / local_s, 2),
+               "local_peak_rss_mb": round(max(r for _, r in local) / 1e6),
+               "worker_peak_rss_mb": round(max(max(p) for _, p in ray) / 1e6),
+               "identical": digests(tmp / "local") == digests(tmp / "ray")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 

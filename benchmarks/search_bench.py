@@ -79,18 +79,20 @@ def throughput(trials: int, tmp: Path) -> list[dict]:
 
 
 def goal(seeds: list[int], trials: int, space: str, tmp: Path) -> list[dict]:
+    from mergelib.search.scorer import HELD_OUT
+
     rows = []
     for seed in seeds:
         outcome, wall, _ = one_search([f"search={space}", f"search.trials={trials}", f"search.seed={seed}"], tmp,
                                       f"goal-{space}-{seed}")
         top = outcome.best[0]
-        parents = {t: max(p["test"][t] for p in outcome.parents.values()) for t in top["heldout"]}
+        parents = {t: max(p[HELD_OUT][t] for p in outcome.parents.values()) for t in top["heldout"]}
         rows.append({
             "space": space, "seed": seed, "trials": trials, "wall_s": round(wall, 1), "best_trial": top["number"],
             "method": top["recipe"]["merge_method"], "feasible": top.get("feasible", True),
             "heldout": top["heldout"], "heldout_share": {t: round(v / parents[t], 3) for t, v in top["heldout"].items()},
-            "default_heldout": outcome.default["test"],
-            "default_share": {t: round(v / parents[t], 3) for t, v in outcome.default["test"].items()},
+            "default_heldout": outcome.default[HELD_OUT],
+            "default_share": {t: round(v / parents[t], 3) for t, v in outcome.default[HELD_OUT].items()},
         })
         print(f"goal seed {seed}: {rows[-1]}", flush=True)
     return rows

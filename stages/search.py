@@ -16,6 +16,7 @@ def run(config, tracker) -> str:
     from mergelib.errors import MergelibError
     from mergelib.pipeline.fetch import fetch_inputs, pinned_refs, read_lock
     from mergelib.search.run import run_search
+    from mergelib.search.scorer import HELD_OUT
 
     if config.search is None:
         raise MergelibError("search: no `search:` node; add search=demo (conf/search/) or define search.space")
@@ -30,7 +31,7 @@ def run(config, tracker) -> str:
     study = outcome.study
     top, counts = outcome.best[0], outcome.counts
     held = ", ".join(f"{t} {v:.3f}" for t, v in sorted(top["heldout"].items()))
-    default = ", ".join(f"{t} {v:.3f}" for t, v in sorted(outcome.default["test"].items()))
+    default = ", ".join(f"{t} {v:.3f}" for t, v in sorted(outcome.default[HELD_OUT].items()))
     ran = sum(counts.values())
     return (f"{ran} trials run now ({counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} "
             f"failed, {counts['lost']} lost) in study '{study}'; best trial {top['number']} -> "

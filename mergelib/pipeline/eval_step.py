@@ -27,12 +27,18 @@ def eval_cache_dir() -> Path:
     return Path(root) / "eval"
 
 
+def model_label(ref: str) -> str:
+    """A fine-tune's label: the last part of its reference (`models/demo/ft_add` -> `ft_add`, `org/x@rev` -> `x`);
+    reports name parents by it and search spaces name models by it."""
+    return str(ref).rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+
+
 def family_labels(refs: tuple[str, ...], lock: Mapping[str, Any]) -> dict[str, Path]:
     """label -> model directory for the base (`base`) and each fine-tune (its directory or repo name), from the
     fetch lock (`refs` as written in conf/, base first)."""
     out: dict[str, Path] = {}
     for i, ref in enumerate(refs):
-        label = "base" if i == 0 else ref.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+        label = "base" if i == 0 else model_label(ref)
         out[label if label not in out else f"{label}_{i}"] = Path(lock[ref].path)
     return out
 

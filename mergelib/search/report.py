@@ -15,10 +15,10 @@ import yaml
 
 from mergelib.pipeline.outputs import build_dir, write_json, write_text
 from mergelib.search.config import SearchConfig
+from mergelib.search.scorer import HELD_OUT
 
 BEST = "best.yml"
 METRICS = "search.json"
-HELD_OUT = "test"
 
 
 def recipe_yaml(recipe: dict[str, Any], header: str) -> str:

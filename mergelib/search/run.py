@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergelib.pipeline.eval_step import model_label
 from mergelib.search.config import SearchConfig
-from mergelib.search.space import SearchSpace, model_label
+from mergelib.search.scorer import HELD_OUT
+from mergelib.search.space import SearchSpace
 from mergelib.search.trial import TrialJob, merge_mode, run_trial, score_model
-
-HELD_OUT = "test"  # the evaluate stage's prompts: never seen by a trial
 
 
 @dataclass

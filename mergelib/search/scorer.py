@@ -17,7 +17,9 @@ import yaml
 
 from mergelib.errors import MergelibError
 
-SPLITS = ("validation", "test")  # validation: what a search tunes on; test: the evaluate stage's held-out prompts
+VALIDATION = "validation"  # what a search tunes on
+HELD_OUT = "test"  # the evaluate stage's prompts: never seen by a trial
+SPLITS = (VALIDATION, HELD_OUT)
 
 
 class ScorerError(MergelibError):
@@ -63,7 +65,7 @@ def load_task(name: str, split: str = "validation", limit: int | None = None) ->
                           f"({', '.join(known)})")
     config = yaml.safe_load((TASK_DIR / f"{name}.yaml").read_text())
     test_file = Path(config["dataset_kwargs"]["data_files"][config.get("test_split", "test")])
-    path = DATA_DIR / (test_file.name if split == "test" else f"{test_file.stem}_validation{test_file.suffix}")
+    path = DATA_DIR / (test_file.name if split == HELD_OUT else f"{test_file.stem}_validation{test_file.suffix}")
     if not path.is_file():
         raise ScorerError(f"search objective task '{name}': {path} is missing")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergelib.errors import ConfigError, MergelibError, did_you_mean
+from mergelib.pipeline.eval_step import model_label  # how a space key names a model, as the reports do
 from mergelib.search.config import Dimension, SearchConfig
 
 METHOD = "method"
@@ -41,11 +42,6 @@ def parse_key(text: str) -> Key:
     if not param or (filt == "" and "@" in text):
         raise SearchSpaceError(f"search.space.{text}: write keys as [model.]parameter[@filter] (e.g. ft_add.weight)")
     return Key(text, model or None, param, filt or None)
-
-
-def model_label(ref: str) -> str:
-    """How a space key names a model: the last part of its reference (`models/demo/ft_add` -> `ft_add`)."""
-    return str(ref).rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
 
 
 def method_parameters(method: str) -> tuple[set[str], set[str]]:
