@@ -38,7 +38,7 @@ def karcher_mean(units: list[torch.Tensor], max_iter: int, tol: float) -> torch.
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for unit in units:
-            cos = torch.dot(unit, mean).item()
+            cos = torch.sum(unit * mean).item()  # not torch.dot: MKL's order follows alignment
             offset = torch.add(unit, mean, alpha=-cos)  # the component of `unit` orthogonal to `mean`
             sin = torch.linalg.vector_norm(offset).item()
             # atan2 keeps θ accurate near 0 and π, where acos(cos) of a float32 dot is off by up to 3e-4

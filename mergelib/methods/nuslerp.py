@@ -36,7 +36,8 @@ def slerp_last_dim(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor
     """Slerp each vector along the last dim of v0 and v1 (same shape) from v0 (t=0) to v1 (t=1)."""
     n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=_NORM_EPS)  # [..., 1]
     n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=_NORM_EPS)  # [..., 1]
-    cos = (torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1) / (n0 * n1)).clamp(-1.0, 1.0)  # [..., 1]
+    # a sum of products, not vecdot: MKL's dot sums in an order that follows the buffers' alignment
+    cos = ((v0 * v1).sum(dim=-1, keepdim=True) / (n0 * n1)).clamp(-1.0, 1.0)  # [..., 1]
     theta = torch.acos(cos)
     sin_theta = torch.sin(theta)
     use_lerp = (sin_theta.abs() < _SIN_EPS) | (cos < _ANTIPARALLEL_COS)  # [..., 1]

@@ -26,7 +26,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     n1 = torch.linalg.vector_norm(v1)
     # cos of the angle = <v0/|v0|, v1/|v1|>, without materialising the unit copies
     scale = torch.where(n0 > _NORM_EPS, n0, 1.0) * torch.where(n1 > _NORM_EPS, n1, 1.0)
-    dot = torch.dot(v0.reshape(-1), v1.reshape(-1)) / scale
+    # torch.dot is MKL's sdot on the CPU, whose sum order follows the buffers' alignment (the same inputs gave
+    # different bits from one merge to the next); torch's own reduction sums in a fixed order
+    dot = torch.sum(v0.reshape(-1) * v1.reshape(-1)) / scale
     if dot.abs().item() > _DOT_THRESHOLD:
         return (1 - t) * v0 + t * v1
     theta = torch.acos(dot)
