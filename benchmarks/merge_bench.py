@@ -182,6 +182,30 @@ def main() -> None:
               f"{r['merge_peak_rss_mb']} | {r['output_mb']} |")
 
 
+def read_bandwidth(paths) -> tuple[int, float, float]:
+    """(bytes, cold GB/s, warm GB/s) reading every input file start to end: cold after asking the kernel to drop
+    the files' cached pages (posix_fadvise DONTNEED: no root needed), warm right after. What one node reads from
+    its storage bounds a Ray worker there."""
+    files = [p for root in paths for p in sorted(Path(root).glob("*.safetensors"))]
+
+    def read_all() -> float:
+        t = time.perf_counter()
+        for path in files:
+            with open(path, "rb", buffering=0) as handle:
+                while handle.read(64 << 20):
+                    pass
+        return time.perf_counter() - t
+
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    total = sum(p.stat().st_size for p in files)
+    cold = read_all()
+    warm = read_all()
+    return total, total / cold / 1e9, total / warm / 1e9
+
+
 def bench_ray(args) -> None:
     """The same merge in-process (`--threads`) and as Ray shard tasks (`--workers`, one thread each), alternating:
     time ratio, the driver's peak RSS and each worker's, and identical bytes."""
@@ -192,6 +216,10 @@ def bench_ray(args) -> None:
 
     rows = []
     for size, case, recipe, tmp in case_recipes(args):
+        inputs = [m["model"] for m in yaml.safe_load(recipe.read_text())["models"]]
+        base = yaml.safe_load(recipe.read_text()).get("base_model")
+        total, cold, warm = read_bandwidth([*inputs, *([base] if base else [])])
+        warm_page_cache([*inputs, *([base] if base else [])])
         local, ray = [], []
         for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
             local.append(measure_child(merge_command(args, recipe, tmp / "local")))
@@ -205,7 +233,8 @@ def bench_ray(args) -> None:
                "local_s": round(local_s, 2), "ray_s": round(ray_s, 2), "ratio": round(ray_s / local_s, 2),
                "local_peak_rss_mb": round(max(r for _, r in local) / 1e6),
                "worker_peak_rss_mb": round(max(max(p) for _, p in ray) / 1e6),
-               "identical": digests(tmp / "local") == digests(tmp / "ray")}
+               "identical": digests(tmp / "local") == digests(tmp / "ray"),
+               "input_gb": round(total / 1e9, 2), "read_gbps_cold": round(cold, 2), "read_gbps_warm": round(warm, 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

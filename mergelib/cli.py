@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: each output shard a Ray task (local Ray, or RAY_ADDRESS); the same bytes as local")
     m.add_argument("--workers", type=positive_int, default=None,
                    help="shard tasks at once on a local Ray (default: the cores; --threads each, default 1)")
+    m.add_argument("--device", default="cpu",
+                   help="cpu (numba kernels), cuda or cuda:N: where the merge math runs (elementwise methods give "
+                        "the same bytes on any device; see `mergelib methods`)")
+    m.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="mergekit's flag: --device cuda")
+    m.add_argument("--read-to-gpu", action="store_true", help="move inputs to the GPU as stored, widen them there")
+    m.add_argument("--multi-gpu", action="store_true", help="spread output tensors over every GPU of this machine")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, memory) and stop")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--intermediate-dir", "-I", default=None,
@@ -166,6 +172,8 @@ def cmd_methods() -> int:
         print(f"  {base}; paper: {spec.paper or '-'}")
         print(f"  global: {', '.join(_param_lines(spec.params, dict(spec.ignored))) or '-'}")
         print(f"  per model: {', '.join(_param_lines(spec.model_params, dict(spec.ignored))) or '-'}")
+        print("  on a GPU: " + ("the same bytes as the CPU" if spec.device_exact else
+                                "within 1e-6 relative of the CPU (reductions run in the device's order)"))
     return 0
 
 
@@ -182,6 +190,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code, quiet=args.quiet, dry_run=args.dry_run, dtype=args.dtype,
         memory_budget=args.memory_budget, allow_nan=args.allow_nan,
         unsafe_truncate_embeddings=args.unsafe_truncate_embeddings, executor=args.executor, workers=args.workers,
+        device=args.device, read_to_gpu=args.read_to_gpu, multi_gpu=args.multi_gpu,
     )
     plan = result.plan
     threads = args.threads or default_threads()
@@ -217,6 +226,7 @@ def cmd_multi(args: argparse.Namespace, recipes) -> int:
         allow_crimes=args.allow_crimes, trust_remote_code=args.trust_remote_code, quiet=args.quiet,
         dtype=args.dtype, memory_budget=args.memory_budget, allow_nan=args.allow_nan,
         unsafe_truncate_embeddings=args.unsafe_truncate_embeddings, executor=args.executor, workers=args.workers,
+        device=args.device, read_to_gpu=args.read_to_gpu, multi_gpu=args.multi_gpu,
     )
     for run in result.stages:
         label = run.name or "(final)"

@@ -18,7 +18,8 @@ def run(config, tracker) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in inactive.items())
         print(f"merge: {config.method} does not use {knobs}; left out of the recipe", file=sys.stderr)
     result = merge(config.recipe(refs), config.paths.merged, seed=config.seed, quiet=True,
-                   executor=config.merge_executor, workers=config.merge_workers)
+                   executor=config.merge_executor, workers=config.merge_workers,
+                   device=config.merge_device)
     for line in result.plan.ignored_warnings():
         print(f"merge: warning: {line}", file=sys.stderr)
     seconds, rss_mb = round(result.seconds, 3), round(result.peak_rss_bytes / 2**20, 1)

@@ -178,6 +178,7 @@ def test_run_config_is_frozen():
         (["search.space.density.low=2"], ["search.space.density", "empty range: low 2.0 must be below high 1.0"]),
         (["search.objective.aggregate=max"], ["search.objective.aggregate", "'pareto'"]),
         (["merge_executor=spark"], ["merge_executor:", "'local' or 'ray'", "(got 'spark')"]),
+        (["merge_device=gpu"], ["merge_device:", "cpu|cuda"]),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragments):

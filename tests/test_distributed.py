@@ -72,3 +72,25 @@ def test_an_unknown_executor_is_one_line(recipe_file, tmp_path):
         merge(recipe_file, tmp_path / "out", executor="spark")
     proc = cli([str(recipe_file), str(tmp_path / "out"), "--executor", "spark"])
     assert proc.returncode == 2 and "invalid choice: 'spark'" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_ray_merge_of_the_120m_family_is_byte_identical(tmp_path_factory):
+    """The ~120M family (bf16, two fine-tunes): TIES as two local Ray workers' shard tasks, against the local merge."""
+    import torch
+
+    from mergelib.families.tiny import make_family
+
+    root = tmp_path_factory.mktemp("ray-120m")
+    family = make_family(root / "family", size="120m", n_finetunes=2, seed=0, dtype=torch.bfloat16)
+    recipe = root / "ties.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(family.base), "parameters": {"density": 0.5},
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(family.finetunes, (0.6, 0.4))],
+    }))
+    local = merge(recipe, root / "local", seed=1, out_shard_size=60_000_000, quiet=True)
+    proc = cli([str(recipe), str(root / "ray"), "--seed", "1", "--out-shard-size", "60MB", "--executor", "ray",
+                "--workers", "2", "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(local.out_dir.glob("model-*.safetensors"))) >= 4
+    assert digests(root / "ray") == digests(local.out_dir)

@@ -11,7 +11,7 @@ MERGEKIT_METHODS = {
     "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
     "della_linear", "nearswap", "sce", "ram", "ramplus_tl",
 }
-NOT_METHOD_MODULES = {"base", "fused", "keep", "masks", "select"}  # shared helpers, not methods
+NOT_METHOD_MODULES = {"base", "fused", "keep", "masks", "select", "torch_kernels"}  # shared helpers, not methods
 
 
 def test_registry_has_exactly_mergekits_twenty():

@@ -80,10 +80,12 @@ def record_bench_ray() -> dict:
 
 def _bench_ray_table(rows: list[dict]) -> str:
     lines = ["| family | case | shards | local s | Ray s | Ray / local | local peak RSS MB | worker peak RSS MB | "
-             "same bytes |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "same bytes | inputs GB | read GB/s cold / warm |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
+        bandwidth = f"{r['read_gbps_cold']} / {r['read_gbps_warm']}" if "read_gbps_cold" in r else "-"
         lines.append(f"| {r['size']} | {r['case']} | {r['shards']} | {r['local_s']} | {r['ray_s']} | {r['ratio']}x | "
-                     f"{r['local_peak_rss_mb']} | {r['worker_peak_rss_mb']} | {'yes' if r['identical'] else 'NO'} |")
+                     f"{r['local_peak_rss_mb']} | {r['worker_peak_rss_mb']} | {'yes' if r['identical'] else 'NO'} | "
+                     f"{r.get('input_gb', '-')} | {bandwidth} |")
     return "\n".join(lines)
 
 

@@ -138,6 +138,7 @@ class RunConfig(_Frozen):
     merge: dict[str, Any]
     merge_executor: Literal["local", "ray"] = "local"  # ray: each output shard a Ray task (same bytes)
     merge_workers: int | None = Field(default=None, ge=1)  # shard tasks at once on a local Ray; None: the cores
+    merge_device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")  # where the merge math runs
     recipe_file: str | None = None  # a mergekit recipe YAML merged instead of the `merge` node (outputs/search/best.yml)
     sweep: dict[str, tuple[str, ...]] | None = None  # experiment=method_sweep: label -> Hydra overrides
     moe: dict[str, Any] | None = None  # experiment=moe_demo: a mergekit-moe config (mergelib.moe.config)

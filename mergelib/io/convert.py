@@ -36,6 +36,9 @@ def _finite_f32(values):
 def to_float32(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """`tensor` as float32 (a new tensor unless it already is float32) and whether every value is finite."""
     tensor = tensor.contiguous()
+    if tensor.device.type != "cpu":  # read onto a GPU: torch's widening (also exact) and one reduction there
+        tensor = tensor.to(torch.float32)
+        return tensor, bool(torch.isfinite(tensor).all())
     if tensor.dtype == torch.bfloat16:
         out = torch.empty(tensor.shape, dtype=torch.float32)
         finite = _widen_bf16(tensor.view(torch.int16).reshape(-1).numpy(), out.reshape(-1).numpy())

@@ -19,6 +19,7 @@ from mergelib.io.journal import Journal, plan_key
 from mergelib.io.process import peak_rss
 from mergelib.io.writer import write_index
 from mergelib.merging.card import model_card
+from mergelib.merging.device import Placement, resolve_placement
 from mergelib.merging.engine import default_memory_budget, execute
 from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan
@@ -138,15 +139,22 @@ def merge(
     unsafe_truncate_embeddings: bool = False,
     executor: str = "local",
     workers: int | None = None,
+    device: str = "cpu",
+    read_to_gpu: bool = False,
+    multi_gpu: bool = False,
+    kernels: str | None = None,
 ) -> MergeResult:
     """Merge the models of `recipe` into `out_dir`; a previous output there is replaced only on success.
 
     `executor="ray"` writes each output shard as a Ray task (`workers` at once on a local Ray, each with `threads`
-    threads; RAY_ADDRESS for a cluster whose workers see the inputs and `out_dir`): the same bytes as "local"."""
+    threads; RAY_ADDRESS for a cluster whose workers see the inputs and `out_dir`): the same bytes as "local".
+    `device` ("cpu", "cuda", "cuda:N"), `multi_gpu` (every GPU) and `read_to_gpu` place the math (see
+    `mergelib.merging.device`); `kernels="torch"` runs the device path on the CPU."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     if executor not in EXECUTORS:
         raise OutputError(f"executor '{executor}': choose {' or '.join(EXECUTORS)}")
+    placement = resolve_placement(device, multi_gpu=multi_gpu, read_to_gpu=read_to_gpu, kernels=kernels)
     plan_kwargs = dict(out_shard_size=out_shard_size, dtype=dtype, allow_crimes=allow_crimes,
                        trust_remote_code=trust_remote_code, allow_nan=allow_nan,
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings)
@@ -165,7 +173,7 @@ def merge(
     hashes: dict[str, str] = {}
     hasher = threading.Thread(target=lambda: hashes.update(sha256_files(files)), name="mergelib-hash", daemon=True)
     hasher.start()
-    key = _run_key(plan, seed, files)
+    key = _run_key(plan, seed, files, placement)
     staged = staging_dir(out_dir, key)
     journal = Journal(staged, key)
     try:
@@ -176,17 +184,17 @@ def merge(
             reused, worker_peaks = execute_on_ray(
                 plan_merge, recipe, plan_kwargs, plan, staged, seed=seed, workers=workers or default_threads(),
                 threads=threads, memory_budget=memory_budget or default_memory_budget(plan, threads), metadata=metadata,
-                journal=journal)
+                journal=journal, placement=placement)
         else:
             reused = execute(plan, staged, seed=seed, threads=threads, memory_budget=memory_budget, quiet=quiet,
-                             metadata=metadata, journal=journal)
+                             metadata=metadata, journal=journal, placement=placement)
             worker_peaks = []
         write_index(staged, plan.shards, {"mergelib_version": metadata["mergelib_version"]})
         (staged / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         if copy_tokenizer or plan.tokenizer is not None:
             _write_tokenizer(plan, staged)
         hasher.join()
-        _write_records(plan, staged, seed, hashes)
+        _write_records(plan, staged, seed, hashes, placement)
         failpoint("before-commit")
         journal.remove()
         commit_dir(staged, out_dir)
@@ -209,9 +217,17 @@ def merge(
                        worker_peaks)
 
 
-def _run_key(plan: MergePlan, seed: int, files: list[Path]) -> str:
-    """What decides the output bytes: recipe, seed, versions, the input files' identity, the output layout."""
-    parts = [plan.recipe.to_yaml(), str(seed), json.dumps(library_versions(), sort_keys=True)]
+def _compute_record(plan: MergePlan, placement: Placement) -> str | None:
+    """Where the math ran, when that may show in the bytes: a method that is not device-exact, on a GPU."""
+    kind = placement.devices[0].split(":")[0]
+    return kind if kind != "cpu" and not plan.method.device_exact else None
+
+
+def _run_key(plan: MergePlan, seed: int, files: list[Path], placement: Placement) -> str:
+    """What decides the output bytes: recipe, seed, versions, the input files' identity, the output layout, and
+    the device kind for methods whose bits depend on it."""
+    parts = [plan.recipe.to_yaml(), str(seed), json.dumps(library_versions(), sort_keys=True),
+             str(_compute_record(plan, placement))]
     for path in files:
         st = path.stat()
         parts.append(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
@@ -221,7 +237,7 @@ def _run_key(plan: MergePlan, seed: int, files: list[Path]) -> str:
     return plan_key(parts)
 
 
-def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, str]) -> None:
+def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, str], placement: Placement) -> None:
     per_model: dict[str, dict[str, str]] = {}
     for model in plan.models:
         per_model[model.label] = {
@@ -243,4 +259,6 @@ def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, s
         "left_out": [{"model": m, "tensor": t, "why": w} for m, t, w in plan.left_out],
         "versions": versions,
     }
+    if _compute_record(plan, placement):  # within 1e-6 of the CPU's bits, not equal to them: say where
+        record["computed_on"] = _compute_record(plan, placement)
     (staged / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mergelib.io.hashing import shard_digest
 from mergelib.io.journal import Journal
+from mergelib.merging.device import CPU, Placement
 from mergelib.merging.faults import failpoint, failpoint_once
 
 TASK_RETRIES = 3  # a shard whose worker died is run again this many times
@@ -25,22 +27,26 @@ WORKER_OVERHEAD = 512 << 20  # a worker process: python, torch, numba kernels (w
 
 
 def merge_shard(plan_merge: Callable, recipe: Any, plan_kwargs: dict[str, Any], fname: str, staged: str, seed: int,
-                threads: int, memory_budget: int, metadata: dict[str, str]) -> tuple[str, int]:
+                threads: int, memory_budget: int, metadata: dict[str, str],
+                placement: Placement = CPU) -> tuple[str, int]:
     """Plan `recipe` with `plan_merge` (mergelib.plan_merge, passed in by the caller) and write shard `fname` into
-    `staged`; (its digest, this process's peak RSS in bytes)."""
+    `staged`; (its digest, this process's peak RSS in bytes). On a GPU placement the task uses the GPU Ray gave
+    it (the worker sees it as cuda:0)."""
     from mergelib.io.process import peak_rss
     from mergelib.merging.engine import execute
 
     plan = plan_merge(recipe, **plan_kwargs)
     failpoint_once("ray-shard", Path(staged))
+    if placement.devices[0] != "cpu":
+        placement = replace(placement, devices=("cuda:0",))
     execute(plan, Path(staged), seed=seed, threads=threads, memory_budget=memory_budget, quiet=True,
-            metadata=metadata, shards=[fname])
+            metadata=metadata, shards=[fname], placement=placement)
     return shard_digest(Path(staged) / fname), peak_rss()
 
 
 def execute_on_ray(plan_merge: Callable, recipe: Any, plan_kwargs: dict[str, Any], plan, staged: Path, *, seed: int,
                    workers: int, threads: int, memory_budget: int, metadata: dict[str, str],
-                   journal: Journal) -> tuple[int, list[int]]:
+                   journal: Journal, placement: Placement = CPU) -> tuple[int, list[int]]:
     """Write every shard the journal does not hold as a Ray task (each plans `recipe` again with `plan_merge`);
     (shards reused, each task's peak RSS)."""
     import ray
@@ -55,9 +61,10 @@ def execute_on_ray(plan_merge: Callable, recipe: Any, plan_kwargs: dict[str, Any
             kwargs["num_cpus"] = workers * threads
         ray.init(address=address, **kwargs)
         started = address is None
-    task = ray.remote(merge_shard).options(num_cpus=threads, memory=memory_budget + WORKER_OVERHEAD,
+    gpus = 1 if placement.devices[0] != "cpu" else 0  # a shard task on a GPU placement takes one GPU
+    task = ray.remote(merge_shard).options(num_cpus=threads, num_gpus=gpus, memory=memory_budget + WORKER_OVERHEAD,
                                            max_retries=TASK_RETRIES, retry_exceptions=False)
-    args = (str(staged), seed, threads, memory_budget, metadata)
+    args = (str(staged), seed, threads, memory_budget, metadata, placement)
     pending = {task.remote(plan_merge, recipe, plan_kwargs, fname, *args): fname for fname in todo}
     peaks: list[int] = []
     try:

@@ -22,11 +22,12 @@ from mergelib.io.convert import to_float32
 from mergelib.io.journal import Journal
 from mergelib.io.reader import read_rows, read_tensor
 from mergelib.io.writer import ShardFile
+from mergelib.merging.device import CPU, Placement
 from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan, SourceTensor, TensorJob
 from mergelib.merging.plan import memory_budget as planned_budget
 from mergelib.merging.rng import generator_for
-from mergelib.methods import MethodInputs
+from mergelib.methods import MethodInputs, torch_kernels
 from mergelib.methods.base import StreamInputs
 from mergelib.tokenizer import align_rows
 
@@ -68,6 +69,13 @@ def default_memory_budget(plan: MergePlan, threads: int = 2) -> int:
     return int(min(psutil.virtual_memory().available * 0.5, planned_budget(works, threads)))
 
 
+def device_work_bytes(job: TensorJob) -> int:
+    """Memory one tensor takes when merged whole with the torch kernels: its float32 inputs and, per input,
+    a task vector, its magnitudes and a mask, plus the running sums."""
+    inputs = len(job.sources) + (1 if job.base is not None else 0)
+    return job.numel * 4 * (3 * inputs + 6) + job.out_bytes
+
+
 def _reuse_freed_memory() -> None:
     """Keep freed blocks of up to 32 MiB (glibc's largest mmap threshold) in the heap for the next block instead
     of unmapping them: a fresh mapping costs a page fault per 4 KiB on first touch, more than the merge math
@@ -80,7 +88,10 @@ def _reuse_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
-def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool) -> torch.Tensor:
+def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool,
+             placement: Placement = CPU, device: str = "cpu") -> torch.Tensor:
+    if placement.read_to_device:
+        tensor = tensor.to(device)  # the stored bytes go over; widening happens there
     if source.crop is not None:  # a larger vocabulary than the output's: keep the leading block
         first = slice(None) if rows else slice(0, source.crop[0])  # row blocks are already inside the crop
         tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
@@ -92,12 +103,12 @@ def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: 
             f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
             "(the first found; others may follow); fix the checkpoint or pass --allow-nan to merge anyway"
         )
-    return tensor
+    return tensor.to(device)
 
 
-def load_source(plan: MergePlan, source: SourceTensor) -> torch.Tensor:
-    """One input tensor as float32, cropped and rounded through the recipe's working dtype."""
-    return _prepare(plan, read_tensor(source.name, source.info), source, rows=False)
+def load_source(plan: MergePlan, source: SourceTensor, placement: Placement = CPU, device: str = "cpu") -> torch.Tensor:
+    """One input tensor as float32, cropped and rounded through the recipe's working dtype, on `device`."""
+    return _prepare(plan, read_tensor(source.name, source.info), source, False, placement, device)
 
 
 def load_rows(plan: MergePlan, source: SourceTensor, start: int, end: int) -> torch.Tensor:
@@ -105,13 +116,14 @@ def load_rows(plan: MergePlan, source: SourceTensor, start: int, end: int) -> to
     return _prepare(plan, read_rows(source.name, source.info, start, end), source, rows=True)
 
 
-def _aligned_inputs(plan: MergePlan, job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _aligned_inputs(plan: MergePlan, job: TensorJob, placement: Placement,
+                    device: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Embedding matrices with their rows mapped onto the output vocabulary (fill rules need every input)."""
     label = {s.model: plan.models[s.model].label for s in job.inputs}
     raw = {label[s.model]: read_tensor(s.name, s.info) for s in job.inputs}
 
     def aligned(source: SourceTensor) -> torch.Tensor:
-        return _prepare(plan, align_rows(plan.tokenizer, label[source.model], raw), source, rows=False)
+        return _prepare(plan, align_rows(plan.tokenizer, label[source.model], raw), source, False, placement, device)
 
     return [aligned(s) for s in job.sources], aligned(job.base) if job.base is not None else None
 
@@ -131,17 +143,30 @@ def _merge_whole(plan: MergePlan, job: TensorJob, seed: int, sources, base) -> t
     return result
 
 
-def compute(plan: MergePlan, job: TensorJob, seed: int, emit) -> None:
-    """Merge one output tensor and hand it to `emit(start_row, rows)` in its output dtype (whole or in blocks)."""
+def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placement = CPU,
+            device: str = "cpu") -> None:
+    """Merge one output tensor and hand it to `emit(start_row, rows)` in its output dtype (whole or in blocks).
+
+    On a device placement the tensor is merged whole on `device` with the torch kernels and comes back to the
+    CPU in its output dtype."""
+    whole = job.mode == "whole" or placement.on_device
 
     def out(start: int, rows: torch.Tensor) -> None:
-        expected = (rows.shape[0], *job.shape[1:]) if job.mode != "whole" else job.shape
+        expected = (rows.shape[0], *job.shape[1:]) if not whole else job.shape
         if tuple(rows.shape) != tuple(expected):
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
-        emit(start, rows.to(job.dtype))
+        emit(start, rows.to(job.dtype).cpu())
 
-    if job.align:
-        sources, base = _aligned_inputs(plan, job)
+    if placement.on_device:
+        with torch_kernels.forced():
+            if job.align:
+                sources, base = _aligned_inputs(plan, job, placement, device)
+            else:
+                sources = [load_source(plan, s, placement, device) for s in job.sources]
+                base = load_source(plan, job.base, placement, device) if job.base is not None else None
+            out(0, _merge_whole(plan, job, seed, sources, base))
+    elif job.align:
+        sources, base = _aligned_inputs(plan, job, placement, device)
         out(0, _merge_whole(plan, job, seed, sources, base))
     elif job.mode == "whole":
         sources = [load_source(plan, s) for s in job.sources]
@@ -191,9 +216,11 @@ def execute(
     metadata: dict[str, str] | None = None,
     journal: Journal | None = None,
     shards: Collection[str] | None = None,
+    placement: Placement = CPU,
 ) -> int:
     """Compute every planned tensor (of `shards` only, when given) and write the shards into `out_dir` (which
-    must exist).
+    must exist). `placement` says where the math runs (see `mergelib.merging.device`): output tensors go to its
+    devices in turn, each device under its own memory budget.
 
     Shards the journal lists as complete and verified are kept as they are; each shard finished here is synced,
     hashed and recorded. Returns the number of shards reused.
@@ -205,7 +232,9 @@ def execute(
     jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
     remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
     files: dict[str, ShardFile] = {}
-    budget = MemoryBudget(memory_budget or default_memory_budget(plan, threads))
+    host_budget = memory_budget or default_memory_budget(plan, threads)
+    budgets = {d: MemoryBudget(placement.budget_for(d, host_budget)) for d in placement.devices}
+    device_of = {job.name: placement.device_for(i) for i, job in enumerate(plan.jobs)}
     skipped = sum(j.out_bytes for j in plan.jobs) - sum(j.out_bytes for j in jobs)
     bar = tqdm(total=plan.bytes_written, initial=skipped, unit="B", unit_scale=True, desc="merging",
                disable=True if quiet else None, leave=False)  # None: off when stderr is not a terminal
@@ -228,18 +257,19 @@ def execute(
     def run(job: TensorJob, held: int) -> None:
         nonlocal done
         fname = shard_of[job.name]
+        device = device_of[job.name]
         try:  # whatever fails (opening the shard on a full disk included), the job's memory goes back
             shard = shard_file(fname)
 
             def emit(start: int, rows: torch.Tensor) -> None:
-                if job.mode == "whole":
+                if job.mode == "whole" or placement.on_device:
                     shard.write(job.name, rows)
                 else:
                     shard.write_rows(job.name, start, rows)
 
-            compute(plan, job, seed, emit)
+            compute(plan, job, seed, emit, placement, device)
         finally:
-            budget.release(held)
+            budgets[device].release(held)
         with lock:
             done += 1
             count = done
@@ -257,12 +287,18 @@ def execute(
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")
     futures: list[Future] = []
     try:
+        def cancel_all(future: Future) -> None:
+            if not future.cancelled() and future.exception():
+                for budget in budgets.values():
+                    budget.cancel()
+
         for job in jobs:
-            held = budget.acquire(job.work_bytes)
+            work = device_work_bytes(job) if placement.on_device else job.work_bytes
+            held = budgets[device_of[job.name]].acquire(work)
             if held is None:  # a job failed: submit nothing more
                 break
             future = pool.submit(run, job, held)
-            future.add_done_callback(lambda f: budget.cancel() if not f.cancelled() and f.exception() else None)
+            future.add_done_callback(cancel_all)
             futures.append(future)
         wait(futures, return_when=FIRST_EXCEPTION)  # returns when all are done unless one failed
         for future in futures:

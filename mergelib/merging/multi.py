@@ -213,6 +213,9 @@ def merge_multi(
     unsafe_truncate_embeddings: bool = False,
     executor: str = "local",
     workers: int | None = None,
+    device: str = "cpu",
+    read_to_gpu: bool = False,
+    multi_gpu: bool = False,
 ) -> MultiResult:
     """Run every document of a multi-document recipe; named stages go to `intermediate_dir/<name>` (default: the
     sibling `<OUT>.intermediate`) and are reused while their key is unchanged; the final document goes to OUT."""
@@ -224,7 +227,8 @@ def merge_multi(
                    trust_remote_code=trust_remote_code, allow_nan=allow_nan, copy_tokenizer=copy_tokenizer,
                    unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     run_options = dict(options, threads=threads, quiet=quiet, memory_budget=memory_budget, seed=seed,
-                       executor=executor, workers=workers)
+                       executor=executor, workers=workers, device=device, read_to_gpu=read_to_gpu,
+                       multi_gpu=multi_gpu)
     keys: dict[str, str] = {}
     dirs: dict[str, str] = {}
     runs: list[StageRun] = []

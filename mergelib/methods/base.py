@@ -99,6 +99,9 @@ class MethodSpec:
     # Parameters accepted (mergekit accepts them) that change nothing here: (name, why); a recipe that sets one
     # is merged with a warning and the name recorded in the run's `ignored_params`.
     ignored: tuple[tuple[str, str], ...] = ()
+    # Whether the torch kernels (GPU, `--device cuda`) give the same bytes as the CPU: elementwise float32 in a
+    # fixed order. Methods with reductions (norms, dot products, SVDs) agree within 1e-6 relative instead.
+    device_exact: bool = False
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised

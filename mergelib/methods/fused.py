@@ -194,10 +194,12 @@ def tie_position(base, x, cut, offset, seen, room):
 
 @_jit
 def abs_sums(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob, explicit, before, after):
-    """before[i] += sum |delta_i| and after[i] += sum of the kept |delta_i|, in float64, one element at a time
-    in flat order onto the running sums: the same bits however the tensor is cut into blocks."""
+    """before[i] and after[i] (int64 rows of 257 slots, see `torch_kernels.EXACT_SLOTS`) += the exponent-slot
+    sums of |delta_i| and of the kept |delta_i|: integer sums, so the L1 norms they give are exact, the same
+    however the tensor is cut into blocks and on any device."""
     n = base.shape[0]
     a_row = np.empty(_CHUNK, dtype=np.float32)
+    a_bits = a_row.view(np.uint32)
     keep = np.empty(_CHUNK, dtype=np.bool_)
     for i in range(len(xs)):
         x = xs[i]
@@ -209,11 +211,14 @@ def abs_sums(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob, 
             _keep_row(kind[i], a_row, e - s, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
                       prob[i], explicit[i, s:e] if kind[i] == KEEP_MASK else explicit[i, :0], keep)
             for j in range(e - s):
-                a = np.float64(a_row[j])
-                total += a
-                kept += a if keep[j] else 0.0
-        before[i] = total
-        after[i] = kept
+                b = np.int64(a_bits[j])
+                exponent = b >> 23
+                fraction = b & 0x7FFFFF
+                special = exponent == 255  # inf or NaN: counted in slots 255 / 256
+                slot = exponent + (special & (fraction != 0))
+                amount = np.int64(1) if special else fraction | (np.int64(exponent > 0) << 23)
+                total[slot] += amount
+                kept[slot] += amount * np.int64(keep[j])
 
 
 @_jit

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import ConfigDict, Field, FiniteFloat, create_model, model_validator
 
-from mergelib.methods import fused, keep, masks
+from mergelib.methods import fused, keep, masks, torch_kernels
 from mergelib.methods.base import MethodInputs, MethodSpec, Params, StreamInputs
 
 
@@ -88,7 +88,8 @@ def _outliers(blocks: keep.Blocks, i: int, p: BreadcrumbsModelParams, generator:
 def _magprune(blocks: keep.Blocks, i: int, p: DellaModelParams, generator: torch.Generator | None) -> keep.Rule:
     if p.density <= 0:
         return keep.Band(0)
-    magnitude = torch.empty(blocks.shape, dtype=torch.float32)  # per-row ranks need the whole |delta_i|
+    device = blocks.read(-1, 0, 1).device
+    magnitude = torch.empty(blocks.shape, dtype=torch.float32, device=device)  # per-row ranks need the whole |delta_i|
     for start, end, _ in blocks.ranges():
         torch.sub(blocks.read(i, start, end), blocks.read(-1, start, end), out=magnitude[start:end]).abs_()
     return keep.Explicit(masks.magprune_mask(magnitude, p.density, p.epsilon, _seeded(generator)))
@@ -108,15 +109,12 @@ def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, mode
         for start, end, _ in blocks.ranges():
             emit(start, blocks.read(-1, start, end).to(torch.float32))
         return
-    sparsified = [sparsify is not None and p.density < 1 for p in model_params]  # density 1 keeps everything
-    rules = [sparsify(blocks, i, p, generator) if on else None
-             for i, (p, on) in enumerate(zip(model_params, sparsified))]
+    sparsified, rules = _rules(sparsify, blocks, model_params, generator)
     arrays = keep.rule_arrays(blocks, rules)
     factors = keep.l1_factors(blocks, arrays, sparsified) if params.rescale and any(sparsified) else \
         np.ones(blocks.n_models, dtype=np.float32)
     weights = np.array([p.weight for p in model_params], dtype=np.float32)
-    total = sum(p.weight for p in model_params)
-    divisor = np.float32(total if abs(total) >= 1e-8 else 1.0)
+    divisor = _divisor(model_params)
     lam = np.float32(params.lambda_)
     for start, end, offset in blocks.ranges():
         base, xs = blocks.inputs(start, end)
@@ -124,6 +122,42 @@ def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, mode
         fused.gta_block(base, xs, offset, *arrays.args(offset, offset + base.shape[0]), factors, weights,
                         consensus, params.normalize, divisor, lam, out)
         emit(start, torch.from_numpy(out).view((end - start, *blocks.shape[1:])))
+
+
+def _rules(sparsify: Sparsifier | None, blocks: keep.Blocks, model_params: tuple,
+           generator: torch.Generator | None) -> tuple[list[bool], list[keep.Rule]]:
+    """Which models are sparsified (density 1 keeps everything) and their keep rules, drawn in model order."""
+    sparsified = [sparsify is not None and p.density < 1 for p in model_params]
+    rules = [sparsify(blocks, i, p, generator) if on else None
+             for i, (p, on) in enumerate(zip(model_params, sparsified))]
+    return sparsified, rules
+
+
+def _divisor(model_params: tuple) -> np.float32:
+    """The normalising divisor without consensus: the sum of weights, 1 when it is about 0 (mergekit's guard)."""
+    total = sum(p.weight for p in model_params)
+    return np.float32(total if abs(total) >= 1e-8 else 1.0)
+
+
+def _run_torch(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, tensors: dict[int, torch.Tensor],
+               model_params: tuple, generator: torch.Generator | None, params: GTAParams) -> torch.Tensor:
+    """`_run` on whole tensors with torch ops, on the inputs' device: the same rules, draws and float32
+    arithmetic, so the same bits (see `mergelib.methods.torch_kernels`)."""
+    base = tensors[-1].reshape(-1)
+    xs = [tensors[i].reshape(-1) for i in range(blocks.n_models)]
+    if not xs:
+        return base.clone()
+    sparsified, rules = _rules(sparsify, blocks, model_params, generator)
+    magnitudes = [(x - base).abs() if rule is not None else None for x, rule in zip(xs, rules)]
+    keeps = [keep.torch_mask(rule, a) for rule, a in zip(rules, magnitudes)]
+    factors = np.ones(blocks.n_models, dtype=np.float32)
+    if params.rescale and any(sparsified):
+        slots = [(torch_kernels.exact_slots(a), torch_kernels.exact_slots(torch.where(k, a, 0.0)))
+                 if k is not None else ([0] * torch_kernels.EXACT_SLOTS,) * 2 for a, k in zip(magnitudes, keeps)]
+        factors = keep.rescale_factors(slots, sparsified)
+    weights = np.array([p.weight for p in model_params], dtype=np.float32)
+    return torch_kernels.gta(base, xs, keeps, factors.tolist(), weights.tolist(), consensus, params.normalize,
+                             float(_divisor(model_params)), float(np.float32(params.lambda_)))
 
 
 def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, params: GTAParams) -> torch.Tensor:
@@ -134,6 +168,9 @@ def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, p
     shape = tuple(base.shape) or (1,)  # a 0-d tensor is one row of one element
     tensors = {-1: base.reshape(shape), **{i: t.reshape(shape) for i, t in enumerate(inputs.tensors)}}
     blocks = keep.Blocks(shape, len(inputs.tensors), lambda i, a, b: tensors[i][a:b], shape[0])
+    if torch_kernels.active(base):
+        out = _run_torch(sparsify, consensus, blocks, tensors, inputs.model_params, inputs.generator, params)
+        return out.view(base.shape)
     out = torch.empty(shape, dtype=torch.float32)
 
     def emit(start: int, rows: torch.Tensor) -> None:
@@ -180,6 +217,7 @@ def _spec(
         min_models=1,
         randomized=sparsify in (_random, _magprune),
         ignored=_ignored(sparsify),
+        device_exact=True,  # torch_kernels: the same rules, draws and float32 order on any device
     )
 
 

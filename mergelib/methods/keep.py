@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergelib.methods import fused
+from mergelib.methods import fused, torch_kernels
+from mergelib.methods.select import top_k_mask
 
 _DIGITS = 1 << 16
 _SAMPLES = 1 << 16  # |delta| values sampled to place each window
@@ -250,6 +251,21 @@ def _tie_limit(blocks: Blocks, i: int, cut: np.float32, room: int) -> int:
     return blocks.numel
 
 
+def torch_mask(rule: Rule, magnitudes: torch.Tensor) -> torch.Tensor | None:
+    """One rule as a flat bool keep mask over flat |delta| on its device, for the torch kernels (None: keep all).
+    The same selections as the fused kernels: a band's ties go to lower flat indices, random rules use the same
+    counter-based stream."""
+    if rule is None:
+        return None
+    if isinstance(rule, Band):
+        inside = top_k_mask(magnitudes, rule.k_lo)
+        return inside & ~top_k_mask(magnitudes, rule.k_hi) if rule.k_hi > 0 else inside
+    if isinstance(rule, Random):
+        draws = torch_kernels.uniform(rule.key, 0, magnitudes.numel(), magnitudes.device)
+        return draws < torch.tensor(rule.prob, dtype=torch.float32, device=magnitudes.device)
+    return rule.mask.reshape(-1).to(magnitudes.device)
+
+
 def rule_arrays(blocks: Blocks, rules: list[Rule]) -> RuleArrays:
     """Resolve each model's rule over the blocks (radix passes only for rank bands that need them)."""
     n = blocks.numel
@@ -282,14 +298,21 @@ def rule_arrays(blocks: Blocks, rules: list[Rule]) -> RuleArrays:
 
 def l1_factors(blocks: Blocks, arrays: RuleArrays, sparsified: list[bool]) -> np.ndarray:
     """mergekit's rescale per model: ||delta||_1 / ||kept delta||_1 (float32), 1 where either norm is < 1e-7
-    or the model is not sparsified."""
-    before = np.zeros(blocks.n_models, dtype=np.float64)
-    after = np.zeros(blocks.n_models, dtype=np.float64)
+    or the model is not sparsified. The norms are exact sums (`torch_kernels.exact_sum`)."""
+    before = np.zeros((blocks.n_models, torch_kernels.EXACT_SLOTS), dtype=np.int64)
+    after = np.zeros_like(before)
     for start, end, offset in blocks.ranges():
         base, xs = blocks.inputs(start, end)
         fused.abs_sums(base, xs, offset, *arrays.args(offset, offset + base.shape[0]), before, after)
-    factors = np.ones(blocks.n_models, dtype=np.float32)
-    for i, on in enumerate(sparsified):
-        if on and before[i] >= 1e-7 and after[i] >= 1e-7:
-            factors[i] = before[i] / after[i]
+    return rescale_factors([(b.tolist(), a.tolist()) for b, a in zip(before, after)], sparsified)
+
+
+def rescale_factors(slots: list[tuple[list[int], list[int]]], sparsified: list[bool]) -> np.ndarray:
+    """float32 L1 rescale factors from each model's (all, kept) exact-sum slots; 1 where a norm is < 1e-7 or the
+    model is not sparsified."""
+    factors = np.ones(len(slots), dtype=np.float32)
+    for i, ((all_slots, kept_slots), on) in enumerate(zip(slots, sparsified)):
+        before, after = torch_kernels.exact_sum(all_slots), torch_kernels.exact_sum(kept_slots)
+        if on and before >= 1e-7 and after >= 1e-7:
+            factors[i] = before / after
     return factors

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from mergelib.methods import fused
+from mergelib.methods import fused, torch_kernels
 from mergelib.methods.base import MethodInputs, MethodSpec, Params, require_nonzero_weight_sum
 
 # Σ w below this fraction of Σ|w| is a cancellation: dividing by it would amplify the merge by > 1e6.
@@ -35,9 +35,12 @@ def check_weights(params: LinearParams, model_params: tuple[LinearModelParams, .
 def merge(inputs: MethodInputs, params: LinearParams) -> torch.Tensor:
     """Weighted sum of the inputs, normalised by the weight sum when `params.normalize`."""
     weights = [p.weight for p in inputs.model_params]
+    divisor = math.fsum(weights) if params.normalize else 1.0
+    if torch_kernels.active(inputs.tensors[0]):
+        return torch_kernels.weighted_sum(inputs.tensors, np.array(weights, dtype=np.float32).tolist(),
+                                          float(np.float32(divisor)))
     flat = tuple(t.to(torch.float32).contiguous().reshape(-1).numpy() for t in inputs.tensors)
     out = np.empty(inputs.tensors[0].numel(), dtype=np.float32)
-    divisor = math.fsum(weights) if params.normalize else 1.0
     fused.weighted_sum(flat, np.array(weights, dtype=np.float32), np.float32(divisor), out)  # one fused pass
     return torch.from_numpy(out).view(inputs.tensors[0].shape)
 
@@ -54,5 +57,6 @@ SPECS = (
         min_models=1,
         check=check_weights,
         rowwise=True,  # elementwise: row blocks give the same bits as whole tensors
+        device_exact=True,
     ),
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergelib.methods import fused
+from mergelib.methods import fused, torch_kernels
 from mergelib.methods.select import top_k_mask
 
 
@@ -48,9 +48,12 @@ def draw_key(generator: torch.Generator) -> int:
 def _uniform(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """U[0,1) draws shaped like `delta`: the counter-based stream of a key drawn from `generator`, element j of
     the flattened tensor getting draw j (so any block of the tensor can redraw its own values)."""
+    key = draw_key(generator)
+    if torch_kernels.active(delta):
+        return torch_kernels.uniform(key, 0, delta.numel(), delta.device).view(delta.shape)
     draws = np.empty(delta.numel(), dtype=np.float32)
-    fused.fill_uniform(draw_key(generator), 0, draws)
-    return torch.from_numpy(draws).view(delta.shape).to(delta.device)
+    fused.fill_uniform(key, 0, draws)
+    return torch.from_numpy(draws).view(delta.shape)
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -36,5 +36,6 @@ SPECS = (
         min_models=1,
         max_models=1,
         rowwise=True,  # elementwise: row blocks give the same bits as whole tensors
+        device_exact=True,
     ),
 )

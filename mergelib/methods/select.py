@@ -28,7 +28,7 @@ def _ordered_keys(flat: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _bucket(keys: torch.Tensor, rank: int) -> tuple[int, int]:
     """The 16-bit digit that holds the rank-th smallest key, and how many keys lie below that digit."""
     counts = torch.cumsum(torch.bincount(keys, minlength=_HALF), dim=0)
-    digit = int(torch.searchsorted(counts, torch.tensor(rank, dtype=counts.dtype), right=True))
+    digit = int(torch.searchsorted(counts, rank, right=True))
     return digit, int(counts[digit - 1]) if digit > 0 else 0
 
 
