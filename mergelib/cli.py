@@ -196,6 +196,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     threads = args.threads or default_threads()
     for line in plan.ignored_warnings():
         print(f"mergelib: warning: {line}", file=sys.stderr)
+    for line in plan.dequantised_notes():
+        print(f"mergelib: note: {line}", file=sys.stderr)
     if args.dry_run:
         print(f"plan: {plan.method.name}, {len(plan.models)} models, {len(plan.jobs)} tensors in {len(plan.shards)} shard(s)")
         for job in plan.jobs:

@@ -11,12 +11,14 @@ import math
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from mergelib.config.textfile import read_json
 from mergelib.errors import InputModelError
+from mergelib.io.quantized import fold as fold_quantized
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -29,6 +31,8 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # FP8 checkpoints: dequantised on read (mergelib.io.quantized)
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -41,6 +45,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     data_offset: int | None = None  # absolute byte offset of the data in a safetensors file (None for .bin)
+    dequant: Any = None  # a quantised group rebuilt on read (mergelib.io.quantized.Dequant), else None
 
     @property
     def nbytes(self) -> int:
@@ -53,6 +58,7 @@ class ShardIndex:
 
     root: Path
     tensors: dict[str, TensorInfo]
+    note: str | None = None  # what was dequantised on read, when the checkpoint is quantised
 
     @property
     def files(self) -> list[Path]:
@@ -144,7 +150,18 @@ def index_model(root: Path) -> ShardIndex:
             if name in tensors:
                 raise InputModelError(f"{root}: tensor '{name}' is stored twice ({tensors[name].file.name}, {path.name})")
             tensors[name] = info
-    return ShardIndex(root, tensors)
+    config = _optional_config(root)
+    tensors, note = fold_quantized(tensors, config, f"model {root}")
+    return ShardIndex(root, tensors, note)
+
+
+def _optional_config(root: Path) -> dict:
+    """config.json when it is there and readable (quantisation settings), else {}; the planner checks it."""
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _allowed_root(root: Path) -> Path:

@@ -16,6 +16,7 @@ import torch
 
 from mergelib.errors import InputModelError
 from mergelib.io.index import TensorInfo
+from mergelib.io.quantized import dequantize
 
 _bin_lock = threading.Lock()
 _bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
@@ -50,14 +51,19 @@ def _bin_state(info: TensorInfo) -> dict[str, torch.Tensor]:
 
 
 def read_tensor(name: str, info: TensorInfo) -> torch.Tensor:
-    """Tensor `name` from its file, as stored (dtype and shape of the checkpoint)."""
+    """Tensor `name` from its file, as stored (dtype and shape of the checkpoint); a quantised one dequantised
+    (float32)."""
+    if info.dequant is not None:
+        return dequantize(info.dequant, read_tensor)
     if info.data_offset is not None:
         return _pread_rows(name, info, 0, info.shape[0] if info.shape else 1)
     return _bin_state(info)[name].clone()
 
 
 def read_rows(name: str, info: TensorInfo, start: int, end: int) -> torch.Tensor:
-    """Rows [start, end) of tensor `name` (along dim 0), reading only those bytes."""
+    """Rows [start, end) of tensor `name` (along dim 0), reading only those bytes (a quantised tensor: whole)."""
+    if info.dequant is not None:
+        return read_tensor(name, info)[start:end]
     if info.data_offset is not None:
         return _pread_rows(name, info, start, end)
     return _bin_state(info)[name][start:end].clone()

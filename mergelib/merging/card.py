@@ -34,6 +34,10 @@ def model_card(plan: MergePlan, *, seed: int, input_hashes: dict[str, dict[str, 
     for model in plan.models:
         for fname, digest in sorted(input_hashes.get(model.label, {}).items()):
             lines.append(f"| {model.label} | {model.ref.revision or '-'} | {fname} | `{digest}` |")
+    notes = plan.dequantised_notes()
+    if notes:
+        lines += ["", "Quantised inputs were dequantised on read, so this is a merge of dequantised weights:", ""]
+        lines += [f"- {note}" for note in notes]
     lines += [
         "",
         "## Recipe",

@@ -133,6 +133,10 @@ class MergePlan:
     ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
     left_out: tuple[tuple[str, str, str], ...] = ()  # (model, tensor, why) for every input tensor not merged
 
+    def dequantised_notes(self) -> list[str]:
+        """One line per quantised input model: what was dequantised on read."""
+        return [f"'{m.label}': {m.index.note.split(': ', 1)[1]}" for m in self.models if m.index.note]
+
     def ignored_warnings(self) -> list[str]:
         """One line per parameter the recipe sets that the method accepts and ignores."""
         return [f"{self.method.name} ignores '{name}' (it changes nothing: {why})"

@@ -25,6 +25,7 @@ def output_config(
 ) -> dict[str, Any]:
     """config.json of the output: `origin` is the (model, source layer) of each output layer."""
     config = dict(ref.config)
+    config.pop("quantization_config", None)  # inputs are dequantised on read; the output is never quantised
     if n_layers != ref.num_layers:
         if not spec.num_layers_key:
             raise InputModelError(
