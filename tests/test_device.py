@@ -172,14 +172,14 @@ def test_placements_on_a_machine_with_two_gpus(monkeypatch):
     assert resolve_placement("cuda") == Placement(("cuda:0",), torch_kernels=True)
     assert resolve_placement("cuda:1", read_to_gpu=True) == Placement(("cuda:1",), True, True)
     spread = resolve_placement(multi_gpu=True)
-    assert spread.devices == ("cuda:0", "cuda:1") and spread.on_device
+    assert spread.devices == ("cuda:0", "cuda:1") and spread.torch_kernels
     assert [spread.device_for(i) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
     with pytest.raises(DeviceError, match="has 2 CUDA device"):
         resolve_placement("cuda:2")
     with pytest.raises(DeviceError, match="numba"):
         resolve_placement("cuda", kernels="numba")
     assert resolve_placement("cpu") == Placement()
-    assert resolve_placement("cpu", kernels="torch").on_device
+    assert resolve_placement("cpu", kernels="torch").torch_kernels
 
 
 def test_cli_cuda_on_a_machine_without_it_is_one_line_exit_2(tiny_family, tmp_path):

@@ -24,17 +24,13 @@ class DeviceError(MergelibError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Devices a merge computes on, whether the torch kernels run (always off the CPU), and whether inputs are
-    moved to the device before their conversion to float32 (`read_to_device`: mergekit's --read-to-gpu)."""
+    """Devices a merge computes on, whether the torch kernels run (always off the CPU; then every tensor is merged
+    whole), and whether inputs are moved to the device before their conversion to float32 (`read_to_device`:
+    mergekit's --read-to-gpu)."""
 
     devices: tuple[str, ...] = ("cpu",)
     torch_kernels: bool = False
     read_to_device: bool = False
-
-    @property
-    def on_device(self) -> bool:
-        """True when tensors are merged whole with the torch kernels (any non-CPU device, or kernels="torch")."""
-        return self.torch_kernels
 
     def device_for(self, index: int) -> str:
         """The device of the index-th output tensor (round-robin in plan order)."""

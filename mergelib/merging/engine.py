@@ -149,7 +149,7 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
 
     On a device placement the tensor is merged whole on `device` with the torch kernels and comes back to the
     CPU in its output dtype."""
-    whole = job.mode == "whole" or placement.on_device
+    whole = job.mode == "whole" or placement.torch_kernels
 
     def out(start: int, rows: torch.Tensor) -> None:
         expected = (rows.shape[0], *job.shape[1:]) if not whole else job.shape
@@ -157,21 +157,14 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
         emit(start, rows.to(job.dtype).cpu())
 
-    if placement.on_device:
-        with torch_kernels.forced():
+    if whole:  # aligned embeddings are always planned whole
+        with torch_kernels.forced(placement.torch_kernels):
             if job.align:
                 sources, base = _aligned_inputs(plan, job, placement, device)
             else:
                 sources = [load_source(plan, s, placement, device) for s in job.sources]
                 base = load_source(plan, job.base, placement, device) if job.base is not None else None
             out(0, _merge_whole(plan, job, seed, sources, base))
-    elif job.align:
-        sources, base = _aligned_inputs(plan, job, placement, device)
-        out(0, _merge_whole(plan, job, seed, sources, base))
-    elif job.mode == "whole":
-        sources = [load_source(plan, s) for s in job.sources]
-        base = load_source(plan, job.base) if job.base is not None else None
-        out(0, _merge_whole(plan, job, seed, sources, base))
     elif job.mode == "rows":
         for start in range(0, job.shape[0], job.block_rows):
             end = min(job.shape[0], start + job.block_rows)
@@ -262,7 +255,7 @@ def execute(
             shard = shard_file(fname)
 
             def emit(start: int, rows: torch.Tensor) -> None:
-                if job.mode == "whole" or placement.on_device:
+                if job.mode == "whole" or placement.torch_kernels:
                     shard.write(job.name, rows)
                 else:
                     shard.write_rows(job.name, start, rows)
@@ -293,7 +286,7 @@ def execute(
                     budget.cancel()
 
         for job in jobs:
-            work = device_work_bytes(job) if placement.on_device else job.work_bytes
+            work = device_work_bytes(job) if placement.torch_kernels else job.work_bytes
             held = budgets[device_of[job.name]].acquire(work)
             if held is None:  # a job failed: submit nothing more
                 break
