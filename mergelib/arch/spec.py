@@ -11,7 +11,9 @@ A spec file looks like::
                         "tied_to": "model.embed_tokens.weight"}]}
 
 `layer_weights` names are relative to `layer_prefix`. `tied_to` names the tensor read in place of a missing one
-(tied embeddings). `aliases` lists other names a checkpoint may store a weight under.
+(tied embeddings). `aliases` lists other names a checkpoint may store a weight under. `carried_prefixes` (vision-
+language models) names the parts outside the layer stack that are merged whole, tensor by tensor, whatever they
+hold (a vision tower, a projector): `slices` cut only the language model's layers.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ArchSpec:
     pre_weights: tuple[WeightSpec, ...]
     layer_weights: tuple[WeightSpec, ...]
     post_weights: tuple[WeightSpec, ...]
+    carried_prefixes: tuple[str, ...] = ()
     inferred: bool = False
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -74,6 +77,10 @@ class ArchSpec:
             )
             for w in self.layer_weights
         ]
+
+    def carries(self, tensor_name: str) -> bool:
+        """Whether the tensor belongs to a part merged whole outside the layer stack (`carried_prefixes`)."""
+        return tensor_name.startswith(self.carried_prefixes) if self.carried_prefixes else False
 
     def layer_of(self, tensor_name: str) -> int | None:
         """The layer index of a per-layer tensor name, or None for pre/post weights."""
@@ -117,6 +124,7 @@ def _parse(data: dict) -> ArchSpec:
         pre_weights=_weights(data.get("pre_weights", [])),
         layer_weights=_weights(data["layer_weights"]),
         post_weights=_weights(data.get("post_weights", [])),
+        carried_prefixes=tuple(data.get("carried_prefixes", ())),
     )
 
 

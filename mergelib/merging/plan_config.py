@@ -14,6 +14,13 @@ def _layer_lists(config: dict, n_layers: int) -> list[str]:
     return [k for k, v in config.items() if isinstance(v, list) and len(v) == n_layers and n_layers > 1]
 
 
+def _at(config: dict, path: tuple[str, ...]) -> dict:
+    """The nested config node at `path` (e.g. ("text_config",))."""
+    for part in path:
+        config = config[part]
+    return config
+
+
 def output_config(
     ref: InputModel,
     spec: ArchSpec,
@@ -38,8 +45,11 @@ def output_config(
             node[part] = dict(node[part])
             node = node[part]
         node[leaf] = n_layers
-        for key in _layer_lists(ref.config, ref.num_layers):
-            config[key] = [models[m].config[key][layer] for m, layer in origin]
+        nodes = [(config, ())] + ([(node, tuple(parents))] if parents else [])  # a VLM's lists sit in text_config
+        for target, path in nodes:
+            source = _at(ref.config, path)
+            for key in _layer_lists(source, ref.num_layers):
+                target[key] = [_at(models[m].config, path)[key][layer] for m, layer in origin]
     if untied_head and config.get("tie_word_embeddings"):
         config["tie_word_embeddings"] = False
     if jobs:  # transformers 5 reads `dtype`; `torch_dtype` is kept (updated) only where the input had it

@@ -91,6 +91,9 @@ def _plan_tensors(planner: TensorPlanner, spec: ArchSpec, slices: list[Slice]) -
     """Plan the tensors before the layers (embeddings), every layer of every slice, and those after (norm, head), in
     output order; returns the (model, source layer) of each output layer, for the per-layer config lists."""
     first = slices[0]
+    lead = planner.models[(first.base or first.sources[0]).model]
+    for name in sorted(n for n in lead.index.tensors if spec.carries(n)):  # vision tower, projector: whole
+        planner.plan(name, lambda src, w=WeightSpec(name): w, first, 0.0, False, False)
     for weight in spec.pre_weights:
         planner.plan(weight.name, lambda src, w=weight: w, first, 0.0, weight.embed, weight.optional)
     out_layer = 0
@@ -146,6 +149,8 @@ def _is_head(spec: ArchSpec, name: str) -> bool:
 
 
 def _is_known(spec: ArchSpec, name: str) -> bool:
+    if spec.carries(name):
+        return True
     if spec.layer_of(name) is not None:
         return any(name.endswith(w.name) for w in spec.layer_weights)
     return any(name == w.name or name in w.aliases for w in (*spec.pre_weights, *spec.post_weights))
