@@ -187,3 +187,43 @@ def test_mxfp4_tensors_read_as_transformers_dequantises_them(tmp_path):
     assert np.array_equal(got.numpy(), _reference_mxfp4(blocks, scales))
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     assert torch.equal(got, theirs)
+
+
+def test_a_gpt_oss_mxfp4_checkpoint_merges_into_a_plain_one_that_loads(tmp_path):
+    """A tiny gpt-oss whose experts are stored as MXFP4 (the published layout), merged with its float32 twin:
+    the output's experts are the mean of the dequantised and the float weights, and it loads and runs unquantised."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch.manual_seed(0)
+    config = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+    GptOssForCausalLM(config).save_pretrained(tmp_path / "float")
+    shutil.copytree(tmp_path / "float", tmp_path / "mxfp4")
+    shard = next((tmp_path / "mxfp4").glob("*.safetensors"))
+    tensors = load_file(shard)
+    dequantised = {}
+    for i, name in enumerate(n for n in sorted(tensors) if n.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        experts, cols, rows = tensors.pop(name).shape  # stored [E, rows, cols] as blocks, read back transposed
+        blocks, scales = _mxfp4((experts, rows, cols), seed=10 + i)
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        dequantised[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "mxfp4" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(cfg))
+
+    recipe = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(tmp_path / "mxfp4"), "parameters": {"weight": 0.5}},
+        {"model": str(tmp_path / "float"), "parameters": {"weight": 0.5}}]}
+    result = mergelib.merge(recipe, tmp_path / "out", quiet=True)
+    assert result.plan.left_out == () and "MXFP4" in result.plan.dequantised_notes()[0]
+    merged = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    plain = load_file(next((tmp_path / "float").glob("*.safetensors")))
+    for name, values in dequantised.items():
+        torch.testing.assert_close(merged[name], values * 0.5 + plain[name] * 0.5, rtol=1e-6, atol=1e-7)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    model = GptOssForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 9, 3]])).logits).all()
