@@ -277,7 +277,10 @@ def execute(
     _reuse_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib")
+    # OpenMP's thread count is per thread: each worker sets its own to 1, or LAPACK/BLAS calls (SVDs, products)
+    # would split over the cores and sum in an order that depends on scheduling
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="mergelib",
+                              initializer=torch.set_num_threads, initargs=(1,))
     futures: list[Future] = []
     try:
         def cancel_all(future: Future) -> None:
