@@ -16,6 +16,7 @@ from mergelib.methods import (
     ram,
     sce,
     slerp,
+    spectral,
 )
 from mergelib.methods.base import MethodInputs, MethodSpec, NoParams, Params
 
@@ -32,6 +33,7 @@ METHOD_MODULES = (
     nearswap,
     sce,
     ram,
+    spectral,
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for module in METHOD_MODULES for spec in module.SPECS}

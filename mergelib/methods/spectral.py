@@ -1,0 +1,142 @@
+"""Spectral merges of task vectors, one weight matrix at a time: TSV-Merge (arXiv:2412.00081), Iso-C and Iso-CTS
+(arXiv:2502.04959). No LLM merging tool shipped them.
+
+For a 2-D weight with task vectors tau_i = theta_i - base (T of them, r = min(rows, cols)):
+- iso_c: M = sum_i tau_i = U S V^T; the spectrum is flattened to its mean: delta = mean(S) U V^T.
+- iso_cts: the top k of M's singular directions (k = int(r * common_space_fraction), moved so that r - k splits
+  evenly over the tasks) form the common subspace; each task adds the top (r - k) / T directions of its task vector
+  with the common subspace projected out (tau_i - U_k U_k^T tau_i); the stacked left and right directions are made
+  orthonormal (each replaced by its polar factor), and the spectrum flattened: delta = mean(S*) U* V*^T.
+- tsv: each tau_i keeps its top int(r / T) singular triplets; the stacked left and right vectors are replaced by
+  their polar factors (decorrelating the tasks' subspaces) and delta = U_perp diag(S) V_perp^T.
+The merge is base + lambda * delta. Tensors that are not 2-D matrices (norms, biases) and embedding matrices
+(vocabulary rows: their SVD would cost the most and the papers leave them out) take the mean task vector instead:
+base + lambda * mean_i tau_i. The SVDs are exact (LAPACK, float32), deterministic for the same inputs on the CPU; on
+a GPU they agree within float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pydantic import ConfigDict, Field, FiniteFloat
+
+from mergelib.methods.base import WEIGHT_IGNORED, IgnoredWeight, MethodInputs, MethodSpec, Params
+
+_EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "tok_embeddings")
+
+
+class SpectralParams(Params):
+    """lambda scales the merged task vector (the papers' alpha / scaling factor)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    lambda_: FiniteFloat = Field(1.0, alias="lambda")
+
+
+class IsoCTSParams(SpectralParams):
+    """Adds the share of the spectrum kept as the common subspace (the paper's default 0.8)."""
+
+    common_space_fraction: float = Field(0.8, ge=0.0, le=1.0)
+
+
+def is_matrix(name: str, tensor: torch.Tensor) -> bool:
+    """Whether the spectral rule applies: a 2-D weight that is not a vocabulary matrix."""
+    return tensor.dim() == 2 and min(tensor.shape) > 1 and not any(h in name for h in _EMBEDDING_HINTS)
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor P Q^T of matrix = P S Q^T: the nearest matrix with orthonormal columns/rows."""
+    p, _, q = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ q
+
+
+def iso_c(taus: list[torch.Tensor]) -> torch.Tensor:
+    """mean(S) U V^T of the summed task vectors."""
+    total = torch.stack(taus).sum(dim=0)
+    u, s, v = torch.linalg.svd(total, full_matrices=False)
+    return (u * s.mean()) @ v
+
+
+def common_size(rank: int, tasks: int, fraction: float) -> int:
+    """Iso-CTS's common subspace size: int(rank * fraction), moved so the rest splits evenly over the tasks."""
+    common = int(rank * fraction)
+    specific = round((rank - common) / tasks) * tasks
+    return max(0, rank - min(specific, rank))
+
+
+def iso_cts(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Common top directions of the sum plus each task's top directions outside them, orthonormalised, with a
+    flat spectrum."""
+    total = torch.stack(taus).sum(dim=0)
+    rank = min(total.shape)
+    k = common_size(rank, len(taus), fraction)
+    per_task = (rank - k) // len(taus)
+    if k == 0 and per_task == 0:  # more tasks than directions and no common share: keep the whole common space
+        k = rank
+    u, s, v = torch.linalg.svd(total, full_matrices=False)
+    us, ss, vs = [u[:, :k]], [s[:k]], [v[:k]]
+    for tau in taus:
+        if per_task == 0:
+            break
+        specific = tau - u[:, :k] @ (u[:, :k].T @ tau)
+        ut, st, vt = torch.linalg.svd(specific, full_matrices=False)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vs.append(vt[:per_task])
+    spectrum = torch.cat(ss)
+    return (polar(torch.cat(us, dim=1)) * spectrum.mean()) @ polar(torch.cat(vs, dim=0))
+
+
+def tsv(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Each task's top int(r/T) singular triplets, stacked, with orthonormalised left and right vectors."""
+    keep = int(min(taus[0].shape) / len(taus))
+    if keep == 0:
+        return torch.stack(taus).mean(dim=0)  # fewer directions than tasks: nothing to stack
+    us, ss, vs = [], [], []
+    for tau in taus:
+        u, s, v = torch.linalg.svd(tau, full_matrices=False)
+        us.append(u[:, :keep])
+        ss.append(s[:keep])
+        vs.append(v[:keep])
+    return (polar(torch.cat(us, dim=1)) * torch.cat(ss)) @ polar(torch.cat(vs, dim=0))
+
+
+def _merge(rule: Callable[[list[torch.Tensor], Params], torch.Tensor], inputs: MethodInputs,
+           params: SpectralParams) -> torch.Tensor:
+    base = inputs.base
+    if base is None:
+        raise ValueError(f"{inputs.name}: spectral methods need a base_model")
+    taus = [x - base for x in inputs.tensors]
+    if is_matrix(inputs.name, base):
+        delta = rule(taus, params)
+    else:
+        delta = torch.stack(taus).mean(dim=0)
+    return base + delta * params.lambda_
+
+
+def _spec(name: str, summary: str, paper: str, rule, params: type[SpectralParams] = SpectralParams) -> MethodSpec:
+    from functools import partial
+
+    return MethodSpec(
+        name=name,
+        summary=summary + "; 1-D tensors and embeddings: base + lambda * mean task vector",
+        paper=paper,
+        merge=partial(_merge, rule),
+        params=params,
+        model_params=IgnoredWeight,
+        ignored=WEIGHT_IGNORED,
+        base="required",
+        min_models=1,
+    )
+
+
+SPECS = (
+    _spec("tsv", "Task Singular Vectors: each task's top 1/T singular triplets, decorrelated (TSV-Merge)",
+          "https://arxiv.org/abs/2412.00081", lambda taus, p: tsv(taus)),
+    _spec("iso_c", "Isotropic merge in the common subspace: the summed task vectors' spectrum made flat",
+          "https://arxiv.org/abs/2502.04959", lambda taus, p: iso_c(taus)),
+    _spec("iso_cts", "Isotropic merge in common and task-specific subspaces (Iso-CTS)",
+          "https://arxiv.org/abs/2502.04959", lambda taus, p: iso_cts(taus, p.common_space_fraction), IsoCTSParams),
+)

@@ -1,0 +1,137 @@
+"""TSV-Merge, Iso-C and Iso-CTS against references written another way (polar factors from eigendecompositions,
+nuclear norms), hand-derived goldens, and the properties users rely on (zero deltas give the base, fallbacks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelib.methods import REGISTRY, MethodInputs
+from mergelib.methods.base import IgnoredWeight
+from mergelib.methods.spectral import common_size
+
+SPECTRAL = ("tsv", "iso_c", "iso_cts")
+
+
+def run(name: str, base, fts, tensor_name="model.layers.0.mlp.up_proj.weight", **params):
+    spec = REGISTRY[name]
+    inputs = MethodInputs(tuple(fts), base, tuple(IgnoredWeight() for _ in fts), tensor_name)
+    return spec.merge(inputs, spec.params(**params))
+
+
+def polar_eigh(m: torch.Tensor) -> torch.Tensor:
+    """M (M^T M)^(-1/2) (or (M M^T)^(-1/2) M for wide M), in float64 through an eigendecomposition."""
+    m = m.double()
+    if m.shape[0] >= m.shape[1]:
+        w, q = torch.linalg.eigh(m.T @ m)
+        return m @ (q * w.clamp(min=1e-30).rsqrt()) @ q.T
+    w, q = torch.linalg.eigh(m @ m.T)
+    return (q * w.clamp(min=1e-30).rsqrt()) @ q.T @ m
+
+
+def _inputs(shape, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    return base, [base + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
+@pytest.mark.parametrize("lam", [1.0, 0.6])
+def test_iso_c_is_the_nuclear_norm_over_rank_times_the_polar_factor(shape, lam):
+    base, fts = _inputs(shape, 3, 1)
+    total = sum(f - base for f in fts)
+    expected = base + lam * torch.linalg.matrix_norm(total, "nuc") / min(shape) * polar_eigh(total)
+    got = run("iso_c", base.float(), [f.float() for f in fts], **{"lambda": lam})
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_iso_c_golden_two_orthogonal_tasks():
+    base = torch.zeros(2, 2)
+    fts = [torch.diag(torch.tensor([3.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))]
+    torch.testing.assert_close(run("iso_c", base, fts), 2 * torch.eye(2))  # spectrum (3, 1) -> (2, 2)
+
+
+def test_tsv_of_tasks_in_orthogonal_subspaces_is_their_sum():
+    """Each task of rank <= r/T in its own rows and columns: nothing to decorrelate, TSV is task arithmetic."""
+    base = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    t1 = torch.diag(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    t2 = torch.diag(torch.tensor([0.0, 0.0, 2.0, -5.0]))
+    got = run("tsv", base, [base + t1, base + t2])
+    torch.testing.assert_close(got, base + t1 + t2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,n", [((16, 10), 2), ((10, 16), 3), ((9, 9), 4)])
+def test_tsv_against_a_reference_written_another_way(shape, n):
+    base, fts = _inputs(shape, n, 2)
+    keep = min(shape) // n
+    us, ss, vs = [], [], []
+    for f in fts:
+        u, s, v = torch.linalg.svd(f - base)
+        us.append(u[:, :keep])
+        ss.append(s[:keep])
+        vs.append(v[:keep])
+    expected = base + polar_eigh(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar_eigh(torch.cat(vs, 0))
+    got = run("tsv", base.float(), [f.float() for f in fts])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.0, 1.0])
+def test_iso_cts_against_a_reference_written_another_way(fraction):
+    base, fts = _inputs((14, 10), 3, 4)
+    taus = [f - base for f in fts]
+    total = sum(taus)
+    r, t = 10, 3
+    k = r - round((r - int(r * fraction)) / t) * t
+    assert k == common_size(r, t, fraction)
+    per = (r - k) // t
+    u, s, v = torch.linalg.svd(total, full_matrices=False)
+    cols, vals, rows = [u[:, :k]], [s[:k]], [v[:k]]
+    projector = torch.eye(14, dtype=torch.float64) - u[:, :k] @ u[:, :k].T
+    for tau in taus:
+        ut, st, vt = torch.linalg.svd(projector @ tau, full_matrices=False)
+        cols.append(ut[:, :per])
+        vals.append(st[:per])
+        rows.append(vt[:per])
+    sigma = torch.cat(vals).mean()
+    expected = base + sigma * polar_eigh(torch.cat(cols, 1)) @ polar_eigh(torch.cat(rows, 0))
+    got = run("iso_cts", base.float(), [f.float() for f in fts], common_space_fraction=fraction)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_iso_cts_with_the_whole_spectrum_common_is_iso_c():
+    base, fts = _inputs((12, 8), 2, 5)
+    base, fts = base.float(), [f.float() for f in fts]
+    torch.testing.assert_close(run("iso_cts", base, fts, common_space_fraction=1.0), run("iso_c", base, fts),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SPECTRAL)
+def test_zero_task_vectors_give_the_base_exactly(name):
+    base = torch.randn(6, 5, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(run(name, base, [base.clone(), base.clone()]), base)
+
+
+@pytest.mark.parametrize("name", SPECTRAL)
+@pytest.mark.parametrize("tensor_name,shape", [("model.norm.weight", (7,)), ("model.embed_tokens.weight", (9, 4)),
+                                               ("lm_head.weight", (9, 4))])
+def test_vectors_and_embeddings_take_the_mean_task_vector(name, tensor_name, shape):
+    base, fts = _inputs(shape, 3, 7)
+    base, fts = base.float(), [f.float() for f in fts]
+    expected = base + 0.5 * torch.stack([f - base for f in fts]).mean(dim=0)
+    torch.testing.assert_close(run(name, base, fts, tensor_name=tensor_name, **{"lambda": 0.5}), expected)
+
+
+@pytest.mark.parametrize("name", SPECTRAL)
+def test_the_same_inputs_give_the_same_bits(name):
+    base, fts = _inputs((24, 16), 3, 8)
+    base, fts = base.float(), [f.float() for f in fts]
+    assert torch.equal(run(name, base, fts), run(name, base, [f.clone() for f in fts]))
+
+
+def test_bad_parameters_are_rejected_by_name():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="common_space_fraction"):
+        REGISTRY["iso_cts"].params(common_space_fraction=1.5)
+    with pytest.raises(ValidationError, match="lambda"):
+        REGISTRY["iso_c"].params(**{"lambda": float("inf")})
