@@ -119,7 +119,7 @@ def _add_search(sub) -> None:
 
 
 def _add_moe(sub) -> None:
-    p = sub.add_parser("moe", help="build a sparse mixture of experts (Mixtral / Qwen2-MoE) from dense models")
+    p = sub.add_parser("moe", help="build a sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) from dense models")
     p.add_argument("config", help="MoE config YAML (mergekit-moe format)")
     p.add_argument("out", help="output directory (replaced atomically on success)")
     p.add_argument("--seed", type=int, default=0, help="seed for random gates and expert noise (default 0)")

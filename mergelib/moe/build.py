@@ -1,10 +1,25 @@
-"""`mergelib moe CONFIG OUT`: a sparse mixture of experts from dense Llama/Mistral/Qwen2 models (mergekit-moe).
+"""`mergelib moe CONFIG OUT`: a sparse mixture of experts from dense models of one architecture (mergekit-moe).
 
 Attention, norms and embeddings come from `base_model`; every layer's MLP from each expert; the router rows from
-mergelib/moe/router.py. Output: Mixtral layout, or Qwen2-MoE with one shared expert, in the checkpoint names
-published models use (`block_sparse_moe.experts.{e}.w1`, `mlp.experts.{e}.gate_proj`), streamed one tensor at a time
-into planned shards and committed atomically. mergekit-semantics.md section 2(b). On purpose unlike mergekit:
-`residual_scale` also scales Mixtral experts' w2 (mergekit's check misses the renamed tensor).
+mergelib/moe/router.py. Outputs (`architecture` in the config), in the checkpoint names published models use:
+
+- `mixtral` (Llama/Mistral inputs): `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1/w2/w3`.
+- `qwen`, Qwen2-MoE (Llama/Mistral/Qwen2 inputs, one shared expert): `mlp.gate`, `mlp.experts.{e}.gate_proj/...`,
+  `mlp.shared_expert.*` and its gate row `mlp.shared_expert_gate`.
+- `qwen3`, Qwen3-MoE (Qwen3 inputs only: its attention normalises q and k per head, `q_norm`/`k_norm`): `mlp.gate`,
+  `mlp.experts.{e}.*`; routed experts only, top-k weights renormalised (`norm_topk_prob`).
+- `deepseek_v3`, DeepSeek-V3 (DeepSeek-V3 inputs dense in every layer; the MLA attention is copied as it is):
+  every layer MoE (`first_k_dense_replace` 0), `mlp.gate.weight` in float32 (transformers keeps it so) with a zero
+  `mlp.gate.e_score_correction_bias`, `mlp.experts.{e}.*`, and the ungated `mlp.shared_experts.*` (n_shared_experts
+  1, as wide as a routed expert). One expert group (`n_group` = `topk_group` = 1) and `routed_scaling_factor` 1, so
+  the routed weights sum to 1 as in the other outputs. DeepSeek-V3 scores experts with a sigmoid of the router row
+  dot products where the others use a softmax; both rank experts alike, so the same router rows are used.
+
+Unset, `architecture` follows the inputs: `qwen3` for Qwen3 models, `deepseek_v3` for DeepSeek-V3 ones, else
+`qwen` with a shared expert and `mixtral` without. Tensors are streamed one at a time into planned shards and
+committed atomically. mergekit-semantics.md section 2(b). On purpose unlike mergekit: `residual_scale` also scales
+Mixtral experts' w2 (mergekit's check misses the renamed tensor); Llama experts with a shared expert build a
+Qwen2-MoE (mergekit's crashes).
 """
 
 from __future__ import annotations
@@ -35,12 +50,23 @@ from mergelib.moe.config import Expert, MoEConfig, load_moe_config
 from mergelib.moe.router import degenerate_layers, gate_vectors
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-INPUT_TYPES = {"mixtral": ("llama", "mistral"), "qwen": ("llama", "mistral", "qwen2")}
+INPUT_TYPES = {"mixtral": ("llama", "mistral"), "qwen": ("llama", "mistral", "qwen2"), "qwen3": ("qwen3",),
+               "deepseek_v3": ("deepseek_v3",)}
+CLASS_NAMES = {"mixtral": "MixtralForCausalLM", "qwen": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM",
+               "deepseek_v3": "DeepseekV3ForCausalLM"}
+AUTO_ARCH = {"qwen3": "qwen3", "deepseek_v3": "deepseek_v3"}  # input model_type -> output when unset
+WHY_INPUTS = {  # why an output takes only its own family
+    "qwen3": "Qwen3 attention normalises q and k per head; the base lacks q_norm/k_norm",
+    "deepseek_v3": "DeepSeek-V3 attention is multi-head latent attention (q_a_proj, kv_a_proj_with_mqa, ...); "
+                   "the base has none",
+}
 MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 KEPT_LAYER = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
               "self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"}
 QKV_BIAS = {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}
+QK_NORM = {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+NORMS = {"input_layernorm.weight", "post_attention_layernorm.weight"}
 KEPT_OTHER = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -68,7 +94,7 @@ class MoEResult:
     """What `build_moe` wrote."""
 
     out_dir: Path
-    architecture: str  # MixtralForCausalLM | Qwen2MoeForCausalLM
+    architecture: str  # MixtralForCausalLM | Qwen2MoeForCausalLM | Qwen3MoeForCausalLM | DeepseekV3ForCausalLM
     n_experts: int
     n_tensors: int
     bytes_written: int
@@ -85,18 +111,61 @@ def _load(ref: ModelRef) -> _Model:
     return _Model(ref, path, read_config(path), index_model(path))
 
 
-def _check_inputs(cfg: MoEConfig, base: _Model, experts: list[_Model], allow_all_same: bool) -> None:
+def _resolve(cfg: MoEConfig, base: _Model) -> MoEConfig:
+    """`cfg` with `architecture` set (from the base's model type when unset), validated again for that output."""
+    if cfg.architecture is not None:
+        return cfg
+    arch = AUTO_ARCH.get(base.config.get("model_type"), cfg.output_architecture)
+    return load_moe_config({**cfg.model_dump(), "architecture": arch})
+
+
+def _input_hint(arch: str, kind: str) -> str:
+    """Why a `kind` model cannot go into an `arch` output, and what would take it."""
+    if arch in WHY_INPUTS:
+        return f" ({WHY_INPUTS[arch]})"
+    if kind in AUTO_ARCH:
+        return f"; use architecture {AUTO_ARCH[kind]} for {kind} inputs"
+    return "; add one shared_experts entry for a Qwen2-MoE output" if arch == "mixtral" and kind == "qwen2" else ""
+
+
+def _check_dense(m: _Model) -> None:
+    """DeepSeek-V3 inputs must have a dense MLP in every layer (their MoE layers cannot become one expert)."""
+    n, k = m.config.get("num_hidden_layers"), m.config.get("first_k_dense_replace", 0)
+    if k is None or k < n:
+        raise InputModelError(
+            f"'{m.ref}' has MoE layers from layer {k} (first_k_dense_replace {k}, {n} layers); DeepSeek-V3 inputs "
+            "must be dense in every layer (first_k_dense_replace >= num_hidden_layers)"
+        )
+
+
+def _check_shared(cfg: MoEConfig, base: _Model, shared: _Model | None) -> None:
+    """A DeepSeek-V3 shared expert is n_shared_experts x moe_intermediate_size wide: as wide as a routed expert."""
+    if shared is None or cfg.output_architecture != "deepseek_v3":
+        return
+    width, routed = shared.config.get("intermediate_size"), base.config.get("intermediate_size")
+    if width != routed:
+        raise InputModelError(
+            f"shared_experts[0] '{shared.ref}' has intermediate_size {width} but the routed experts have {routed}; "
+            "a DeepSeek-V3 shared expert is moe_intermediate_size wide, so they must match"
+        )
+
+
+def _check_inputs(cfg: MoEConfig, base: _Model, experts: list[_Model], shared: _Model | None,
+                  allow_all_same: bool) -> None:
     arch = cfg.output_architecture
+    experts = experts + ([shared] if shared else [])
     kinds = {str(m.ref): m.config.get("model_type") for m in (base, *experts)}
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{k}: {v}" for k, v in kinds.items())
         raise InputModelError(f"MoE inputs must share one architecture, got {listed}")
     kind = kinds[str(base.ref)]
     if kind not in INPUT_TYPES[arch]:
-        hint = "; add one shared_experts entry for a Qwen2-MoE output" if arch == "mixtral" and kind == "qwen2" else ""
-        raise InputModelError(
-            f"base_model '{base.ref}' is a {kind} model; a {arch} MoE takes {', '.join(INPUT_TYPES[arch])}{hint}"
-        )
+        raise InputModelError(f"base_model '{base.ref}' is a {kind} model; a {arch} MoE takes "
+                              f"{', '.join(INPUT_TYPES[arch])}{_input_hint(arch, kind)}")
+    if arch == "deepseek_v3":
+        for m in (base, *experts):
+            _check_dense(m)
+    _check_shared(cfg, base, shared)
     routed = [str(e.source_model) for e in cfg.experts]
     if len(routed) > 1 and len(set(routed)) == 1 and not allow_all_same:
         raise InputModelError(
@@ -123,25 +192,35 @@ def _check_inputs(cfg: MoEConfig, base: _Model, experts: list[_Model], allow_all
 
 
 def _output_config(cfg: MoEConfig, base: _Model, shared: _Model | None, dtype: torch.dtype, qkv_bias: bool):
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import DeepseekV3Config, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
+    arch = cfg.output_architecture
     fields = {k: v for k, v in base.config.items()
               if k not in ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map")}
     fields["dtype"] = str(dtype).removeprefix("torch.")
     fields.pop("torch_dtype", None)
-    if cfg.output_architecture == "mixtral":
-        out = MixtralConfig(**fields, num_local_experts=len(cfg.experts), num_experts_per_tok=cfg.experts_per_token)
-        out.architectures = ["MixtralForCausalLM"]
-        return out
-    fields.pop("layer_types", None)  # recomputed for the new sliding-window settings
-    out = Qwen2MoeConfig(
-        **{**fields, "use_sliding_window": False, "sliding_window": None},
-        num_experts=len(cfg.experts), num_experts_per_tok=cfg.experts_per_token, decoder_sparse_step=1,
-        norm_topk_prob=True, mlp_only_layers=[], qkv_bias=qkv_bias,
-        moe_intermediate_size=base.config["intermediate_size"],
-        shared_expert_intermediate_size=shared.config["intermediate_size"],
-    )
-    out.architectures = ["Qwen2MoeForCausalLM"]
+    n_experts, top_k, width = len(cfg.experts), cfg.experts_per_token, base.config["intermediate_size"]
+    if arch == "mixtral":
+        out = MixtralConfig(**fields, num_local_experts=n_experts, num_experts_per_tok=top_k)
+    elif arch == "qwen":
+        fields.pop("layer_types", None)  # recomputed for the new sliding-window settings
+        out = Qwen2MoeConfig(
+            **{**fields, "use_sliding_window": False, "sliding_window": None},
+            num_experts=n_experts, num_experts_per_tok=top_k, decoder_sparse_step=1, norm_topk_prob=True,
+            mlp_only_layers=[], qkv_bias=qkv_bias, moe_intermediate_size=width,
+            shared_expert_intermediate_size=shared.config["intermediate_size"],
+        )
+    elif arch == "qwen3":
+        fields.pop("layer_types", None)
+        out = Qwen3MoeConfig(**{**fields, "num_experts": n_experts, "num_experts_per_tok": top_k,
+                                "moe_intermediate_size": width, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                "norm_topk_prob": True})
+    else:
+        out = DeepseekV3Config(**{**fields, "n_routed_experts": n_experts, "num_experts_per_tok": top_k,
+                                  "moe_intermediate_size": width, "n_shared_experts": 1, "first_k_dense_replace": 0,
+                                  "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+                                  "norm_topk_prob": True})
+    out.architectures = [CLASS_NAMES[arch]]
     return out
 
 
@@ -180,18 +259,15 @@ def _plan(cfg: MoEConfig, base: _Model, experts: list[_Model], shared: _Model | 
         layer = LAYER.match(name)
         if MLP.match(name) or name.endswith("rotary_emb.inv_freq"):
             continue
-        if layer and (layer.group(2) in KEPT_LAYER or layer.group(2) in QKV_BIAS):
+        if layer and _kept(arch, layer.group(2)):
             per_layer[int(layer.group(1))].append(copy(name))
         elif name in KEPT_OTHER:
             (head if "embed" in name else tail).append(copy(name))
         else:
             raise InputModelError(f"base_model '{base.ref}': tensor {name} has no place in a {arch} MoE")
-    n_routed = len(cfg.experts)
     for i in range(n_layers):
+        per_layer[i] += _router(arch, i, gates[i, : len(cfg.experts)].contiguous(), dtype)
         prefix = f"model.layers.{i}."
-        router = gates[i, :n_routed].contiguous()  # (experts, hidden)
-        gate_name = prefix + ("block_sparse_moe.gate.weight" if arch == "mixtral" else "mlp.gate.weight")
-        per_layer[i].append(_Out(TensorSlot(gate_name, tuple(router.shape), dtype), lambda r=router: r.to(dtype)))
         for e, (expert, model) in enumerate(zip(cfg.experts, experts)):
             for proj, short in MIXTRAL_NAMES.items():
                 name = f"{prefix}mlp.{proj}.weight"
@@ -200,16 +276,39 @@ def _plan(cfg: MoEConfig, base: _Model, experts: list[_Model], shared: _Model | 
                 slot = TensorSlot(out_name, model.index.tensors[name].shape, dtype)
                 per_layer[i].append(_Out(slot, _expert_tensor(model, name, expert, out_name, seed, dtype)))
         if shared is not None:
+            module = "shared_experts" if arch == "deepseek_v3" else "shared_expert"
             for proj in MIXTRAL_NAMES:
                 name = f"{prefix}mlp.{proj}.weight"
-                out_name = f"{prefix}mlp.shared_expert.{proj}.weight"
+                out_name = f"{prefix}mlp.{module}.{proj}.weight"
                 slot = TensorSlot(out_name, shared.index.tensors[name].shape, dtype)
                 per_layer[i].append(_Out(slot, _expert_tensor(shared, name, cfg.shared_experts[0], out_name, seed,
                                                               dtype)))
-            row = gates[i, n_routed:].contiguous()  # (1, hidden)
+        if shared is not None and arch == "qwen":
+            row = gates[i, len(cfg.experts):].contiguous()  # (1, hidden)
             slot = TensorSlot(prefix + "mlp.shared_expert_gate.weight", tuple(row.shape), dtype)
             per_layer[i].append(_Out(slot, lambda r=row: r.to(dtype)))
     return head + [o for i in range(n_layers) for o in per_layer[i]] + tail, bool(qkv)
+
+
+def _kept(arch: str, rest: str) -> bool:
+    """Whether the base's layer tensor `rest` (name after `model.layers.N.`) is copied into an `arch` output."""
+    if arch == "deepseek_v3":
+        return rest.startswith("self_attn.") or rest in NORMS  # MLA, as it is
+    return rest in KEPT_LAYER or rest in QKV_BIAS or (arch == "qwen3" and rest in QK_NORM)
+
+
+def _router(arch: str, layer: int, rows: torch.Tensor, dtype: torch.dtype) -> list[_Out]:
+    """Layer `layer`'s router from its (experts, hidden) rows; DeepSeek-V3's in float32 with a zero score bias."""
+    prefix = f"model.layers.{layer}."
+    if arch == "mixtral":
+        return [_Out(TensorSlot(prefix + "block_sparse_moe.gate.weight", tuple(rows.shape), dtype),
+                     lambda: rows.to(dtype))]
+    if arch != "deepseek_v3":
+        return [_Out(TensorSlot(prefix + "mlp.gate.weight", tuple(rows.shape), dtype), lambda: rows.to(dtype))]
+    bias = (rows.shape[0],)
+    return [_Out(TensorSlot(prefix + "mlp.gate.weight", tuple(rows.shape), torch.float32), lambda: rows.float()),
+            _Out(TensorSlot(prefix + "mlp.gate.e_score_correction_bias", bias, torch.float32),
+                 lambda: torch.zeros(bias, dtype=torch.float32))]
 
 
 def _shards(outs: list[_Out], limit: int) -> dict[str, list[_Out]]:
@@ -247,9 +346,10 @@ def build_moe(config: MoEConfig | dict | str | Path, out_dir: str | Path, *, see
         return cache[str(ref)]
 
     base = model(cfg.base_model)
+    cfg = _resolve(cfg, base)
     experts = [model(e.source_model) for e in cfg.experts]
     shared = model(cfg.shared_experts[0].source_model) if cfg.shared_experts else None
-    _check_inputs(cfg, base, experts + ([shared] if shared else []), allow_all_same)
+    _check_inputs(cfg, base, experts, shared, allow_all_same)
     n_layers, hidden = base.config["num_hidden_layers"], base.config["hidden_size"]
     embed_info = base.index.tensors.get("model.embed_tokens.weight")
     embed = None
@@ -259,6 +359,8 @@ def build_moe(config: MoEConfig | dict | str | Path, out_dir: str | Path, *, see
                          embed=embed)
     del embed
     notes = []
+    if cfg.output_architecture == "deepseek_v3" and cfg.shared_experts[0].positive_prompts:
+        notes.append("shared_experts[0].positive_prompts are unused: the DeepSeek-V3 shared expert has no gate")
     bad = degenerate_layers(gates[:, : len(cfg.experts)])
     if bad and cfg.gate_mode not in ("random", "uniform_random"):
         notes.append(f"layers {bad} have near-dependent router rows (condition number > 5): the prompts are too "

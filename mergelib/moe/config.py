@@ -3,6 +3,11 @@
 See ../shared/reference/mergekit-semantics.md section 2(b), `mergekit-moe`. Differences on purpose: unknown keys
 are errors; `uniform_random` needs no prompts (mergekit asks for them and ignores them); a config whose experts all
 share one prompt set is refused for every prompt-based gate mode, as in mergekit.
+
+`architecture` picks the output: `mixtral` (no shared expert), `qwen` (Qwen2-MoE, one shared expert with prompts:
+it has a gate), `qwen3` (Qwen3-MoE, no shared expert) or `deepseek_v3` (one shared expert, ungated, so it needs no
+prompts). Unset, the builder chooses from the shared experts and the inputs' model type (mergelib/moe/build.py).
+mergekit's `Deepseek MoE` (DeepseekForCausalLM from Llama experts) is not written.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from mergelib.errors import RecipeError, did_you_mean
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 PROMPT_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed")
+ARCHITECTURES = ("mixtral", "qwen", "qwen3", "deepseek_v3")
+SHARED = {"mixtral": 0, "qwen": 1, "qwen3": 0, "deepseek_v3": 1}  # shared experts each output has
+GATED_SHARED = ("qwen",)  # outputs whose shared expert has a router row (so needs prompts)
 
 
 class _Strict(BaseModel):
@@ -72,12 +80,7 @@ class MoEConfig(_Strict):
     def _architecture(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        name = value.strip().lower()
-        if name.startswith("mixtral"):
-            return "mixtral"
-        if name.startswith("qwen") and not name.startswith("qwen3"):
-            return "qwen"  # "qwen", "Qwen MoE" (mergekit's name), "qwen2_moe"
-        raise ValueError(f"'{value}' is not an output architecture this version writes; use mixtral or qwen")
+        return _architecture_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> MoEConfig:
@@ -87,13 +90,18 @@ class MoEConfig(_Strict):
                 "lower it or add experts"
             )
         if len(self.shared_experts) > 1:
-            raise ValueError("shared_experts: at most one shared expert (Qwen2-MoE layout) is supported")
-        arch = "qwen" if self.shared_experts else "mixtral"
-        if self.architecture is not None and self.architecture != arch:
-            need = "one entry in shared_experts" if self.architecture == "qwen" else "no shared_experts"
+            raise ValueError("shared_experts: at most one shared expert (Qwen2-MoE or DeepSeek-V3) is supported")
+        if self.architecture == "qwen3" and self.shared_experts:
+            raise ValueError("shared_experts: a Qwen3-MoE output has routed experts only; remove shared_experts")
+        if self.architecture is not None and SHARED[self.architecture] != len(self.shared_experts):
+            need = "one entry in shared_experts" if SHARED[self.architecture] else "no shared_experts"
             raise ValueError(f"architecture '{self.architecture}' needs {need}")
+        if self.architecture == "deepseek_v3" and len(self.experts) < 2:
+            raise ValueError("experts: a DeepSeek-V3 output needs at least 2 routed experts (its router ranks groups "
+                             "by their top-2 scores)")
         if self.gate_mode in PROMPT_MODES:
-            for where, group in (("experts", self.experts), ("shared_experts", self.shared_experts)):
+            gated = self.shared_experts if self.architecture in GATED_SHARED else []  # unset: checked once resolved
+            for where, group in (("experts", self.experts), ("shared_experts", gated)):
                 for i, expert in enumerate(group):
                     if not expert.positive_prompts:
                         raise ValueError(
@@ -110,8 +118,30 @@ class MoEConfig(_Strict):
 
     @property
     def output_architecture(self) -> str:
-        """`mixtral` without a shared expert, `qwen` (Qwen2-MoE) with one."""
+        """`architecture` if set; otherwise `mixtral` without a shared expert, `qwen` (Qwen2-MoE) with one."""
+        if self.architecture is not None:
+            return self.architecture
         return "qwen" if self.shared_experts else "mixtral"
+
+
+def _architecture_name(value: str) -> str:
+    """The canonical output name of `value`: mergekit's names ("Qwen MoE"), model types ("qwen3_moe") and class
+    names ("DeepseekV3ForCausalLM") are accepted."""
+    name = "".join(ch for ch in value.strip().lower() if ch.isalnum())
+    if name.startswith("mixtral"):
+        return "mixtral"
+    if name.startswith("qwen3"):
+        return "qwen3"
+    if name.startswith("qwen"):
+        return "qwen"  # "qwen", "Qwen MoE" (mergekit's name), "qwen2_moe"
+    if name.startswith("deepseekv3"):
+        return "deepseek_v3"
+    if name.startswith("deepseek"):
+        raise ValueError(f"'{value}' is not written by this version (mergekit's Deepseek MoE takes Llama experts); "
+                         "use deepseek_v3 for a DeepSeek-V3 MoE from dense DeepSeek-V3 models")
+    hint = did_you_mean(value.strip().lower(), ARCHITECTURES)
+    raise ValueError(f"'{value}' is not an output architecture this version writes{hint}; use one of "
+                     f"{', '.join(ARCHITECTURES)}")
 
 
 _KEYS = {f.alias or n for m in (MoEConfig, Expert) for n, f in m.model_fields.items()}

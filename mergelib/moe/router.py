@@ -5,6 +5,8 @@ token, averaged over the expert's positive prompts, minus the same over its nega
 (`hidden_avg` averages over the tokens instead). `cheap_embed`: the normalised sum of the prompts' token
 embeddings, the same row for every layer. Unlike mergekit, `hidden_avg` averages over real tokens only (mergekit's
 mean includes the padding of shorter prompts in a batch), and states are taken in the model's dtype, not bfloat16.
+The same rows serve every output: DeepSeek-V3 scores experts with a sigmoid of the row dot products instead of a
+softmax, and both are increasing, so the experts rank in the same order.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from mergelib.errors import InputModelError
 from mergelib.merging.rng import generator_for
-from mergelib.moe.config import Expert, MoEConfig
+from mergelib.moe.config import GATED_SHARED, Expert, MoEConfig
 
 
 def unit(rows: torch.Tensor) -> torch.Tensor:
@@ -90,9 +92,11 @@ def random_rows(seed: int, mode: str, num_layers: int, n_rows: int, hidden: int)
 
 def gate_vectors(config: MoEConfig, base_dir: Path, *, num_layers: int, hidden: int, seed: int = 0,
                  batch_size: int = 16, embed: torch.Tensor | None = None) -> torch.Tensor:
-    """(num_layers, experts + shared experts, hidden) float32 router rows, in `experts` then `shared_experts`
-    order. `embed` (the base's input embedding) is needed for `cheap_embed` only."""
-    group: list[Expert] = [*config.experts, *config.shared_experts]
+    """(num_layers, experts + gated shared experts, hidden) float32 router rows, in `experts` then `shared_experts`
+    order; a shared expert gets a row only where the output gates it (Qwen2-MoE, not DeepSeek-V3). `embed` (the
+    base's input embedding) is needed for `cheap_embed` only."""
+    shared = config.shared_experts if config.output_architecture in GATED_SHARED else []
+    group: list[Expert] = [*config.experts, *shared]
     mode = config.gate_mode
     if mode in ("random", "uniform_random"):
         return random_rows(seed, mode, num_layers, len(group), hidden)
