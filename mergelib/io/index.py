@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from mergelib.config.textfile import read_json
 from mergelib.errors import InputModelError
+from mergelib.io.gguf_input import gguf_file_of, gguf_tensors
 from mergelib.io.quantized import fold as fold_quantized
 
 SAFETENSORS_DTYPES = {
@@ -124,6 +125,11 @@ def index_model(root: Path) -> ShardIndex:
     root = Path(root)
     if not root.is_dir():
         raise InputModelError(f"{root}: model directory not found")
+    gguf_file = gguf_file_of(root)
+    if gguf_file is not None:  # a GGUF input (mergelib.io.gguf_input): dequantised on read like FP8/MXFP4
+        infos, note = gguf_tensors(gguf_file)
+        return ShardIndex(root, {n: TensorInfo(gguf_file, shape, dtype, None, dequant)
+                                 for n, (shape, dtype, dequant) in infos.items()}, note)
     candidates: list[Path]
     if (root / "model.safetensors.index.json").is_file():
         candidates = _read_index_json(root / "model.safetensors.index.json")

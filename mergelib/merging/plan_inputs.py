@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mergelib.arch import spec_for
 from mergelib.config.recipe import MergeRecipe, ModelRef
 from mergelib.errors import InputModelError, RecipeError
+from mergelib.io.gguf_input import check_tokenizer_donor, gguf_model_dir
 from mergelib.io.hub import resolve_model
 from mergelib.io.index import index_model, read_config
 from mergelib.merging.plan import InputModel
@@ -46,7 +47,7 @@ class ModelTable:
         key = str(ref)
         if key in self._by_key:
             return self._by_key[key]
-        path = resolve_model(ref.path, ref.revision)
+        path = gguf_model_dir(ref.path) or resolve_model(ref.path, ref.revision)  # a .gguf: a cached model dir
         if ref.lora:
             from mergelib.lora.apply import lora_input  # late: only recipes with model+lora need it
 
@@ -140,6 +141,7 @@ def reference_model(slices: list[Slice]) -> int:
 def check_architectures(models: list[InputModel], reference: int, allow_crimes: bool) -> None:
     """Every model has the reference model's architecture, unless `allow_crimes`."""
     ref_model = models[reference]
+    check_tokenizer_donor(ref_model.path, ref_model.label)  # a GGUF donor whose tokenizer could not be rebuilt
     arch = (ref_model.config.get("architectures") or ["?"])[0]
     for m in models:
         other = (m.config.get("architectures") or ["?"])[0]
