@@ -151,6 +151,14 @@ class TokenizerConfig(_Strict):
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
+class LinesConfig(_Strict):
+    """LiNeS (arXiv:2410.17146): the merged task vector of a layer at relative depth d in [0, 1] is scaled by
+    alpha + beta * d (embeddings at depth 0, the final norm and head at depth 1)."""
+
+    alpha: float = Field(allow_inf_nan=False)
+    beta: float = Field(allow_inf_nan=False)
+
+
 class MergeRecipe(_Strict):
     """A mergekit-compatible merge recipe."""
 
@@ -165,6 +173,7 @@ class MergeRecipe(_Strict):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
+    lines: LinesConfig | None = None  # mergelib's own: LiNeS depth scaling of the merged task vectors
 
     @field_validator("dtype", "out_dtype", mode="before")
     @classmethod
@@ -181,6 +190,9 @@ class MergeRecipe(_Strict):
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
         method = get_method(self.merge_method)
         _check_parameter_names(self, method)
+        if self.lines is not None and method.base != "required":
+            raise ValueError(f"lines: scales merged task vectors, so it needs a task-vector method with a base_model "
+                             f"({self.merge_method} has none); use e.g. task_arithmetic, ties or dare_ties")
         if self.models is not None:
             seen: dict[str, int] = {}
             for i, entry in enumerate(self.models):

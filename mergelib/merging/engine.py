@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -128,6 +128,11 @@ def _aligned_inputs(plan: MergePlan, job: TensorJob, placement: Placement,
     return [aligned(s) for s in job.sources], aligned(job.base) if job.base is not None else None
 
 
+def lines_scale(merged: torch.Tensor, base: torch.Tensor, scale: float) -> torch.Tensor:
+    """LiNeS: base + scale * (merged - base), in float32, one rounding per step (the same bits on any device)."""
+    return base + (merged - base) * scale
+
+
 def _merge_whole(plan: MergePlan, job: TensorJob, seed: int, sources, base) -> torch.Tensor:
     inputs = MethodInputs(
         tensors=tuple(sources),
@@ -150,11 +155,14 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
     On a device placement the tensor is merged whole on `device` with the torch kernels and comes back to the
     CPU in its output dtype."""
     whole = job.mode == "whole" or placement.torch_kernels
+    base_rows: Callable[[int, int], torch.Tensor] | None = None  # the base's rows, for LiNeS
 
     def out(start: int, rows: torch.Tensor) -> None:
         expected = (rows.shape[0], *job.shape[1:]) if not whole else job.shape
         if tuple(rows.shape) != tuple(expected):
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
+        if job.lines_scale is not None:
+            rows = lines_scale(rows, base_rows(start, start + rows.shape[0]), job.lines_scale)
         emit(start, rows.to(job.dtype).cpu())
 
     if whole:  # aligned embeddings are always planned whole
@@ -164,12 +172,14 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
             else:
                 sources = [load_source(plan, s, placement, device) for s in job.sources]
                 base = load_source(plan, job.base, placement, device) if job.base is not None else None
+            base_rows = lambda a, b: base  # one block: the whole base
             out(0, _merge_whole(plan, job, seed, sources, base))
     elif job.mode == "rows":
         for start in range(0, job.shape[0], job.block_rows):
             end = min(job.shape[0], start + job.block_rows)
             sources = [load_rows(plan, s, start, end) for s in job.sources]
             base = load_rows(plan, job.base, start, end) if job.base is not None else None
+            base_rows = lambda a, b, base=base: base  # this block's base rows
             out(start, _merge_whole(plan, job, seed, sources, base))
     else:
         kept: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -182,6 +192,7 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
                     kept[(i, start, end)] = rows
             return rows
 
+        base_rows = lambda a, b: read(-1, a, b)  # the blocks the method emits
         stream_inputs = StreamInputs(
             shape=job.shape,
             n_models=len(job.sources),

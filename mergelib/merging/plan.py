@@ -62,6 +62,7 @@ class TensorJob:
     model_params: tuple[Params, ...]
     mode: str = "whole"  # "whole": merge whole tensors; "rows": merge per row block; "stream": two-phase
     align: bool = False  # embedding rows are permuted/filled to the output vocabulary before the method runs
+    lines_scale: float | None = None  # LiNeS: the merged task vector times this (None: as the method gave it)
 
     @property
     def block_rows(self) -> int:

@@ -5,10 +5,12 @@ models and slices, architecture check, tokenizer, every tensor in output order, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mergelib.arch import ArchSpec, WeightSpec
 from mergelib.config.recipe import MergeRecipe, ignored_parameters
 from mergelib.io.writer import TensorSlot, pack_shards
-from mergelib.merging.plan import InputModel, MergePlan
+from mergelib.merging.plan import InputModel, MergePlan, TensorJob
 from mergelib.merging.plan_config import output_config
 from mergelib.merging.plan_inputs import (
     ModelTable,
@@ -52,12 +54,27 @@ def build_plan(
                            planner.any_untied_head, planner.jobs)
     if align:
         config["vocab_size"] = tokenizer.vocab_size
-    jobs = planner.jobs
+    jobs = lines_scaled(planner.jobs, spec, len(layer_origin), recipe.lines) if recipe.lines else planner.jobs
     shards = pack_shards([TensorSlot(j.name, j.shape, j.dtype) for j in jobs], out_shard_size)
     return MergePlan(
         recipe, method, tuple(models), tuple(jobs), shards, config, planner.working, reference, tuple(notes),
         allow_nan, tokenizer, ignored_parameters(recipe), left_out(models, jobs, slices),
     )
+
+
+def lines_scaled(jobs: list[TensorJob], spec: ArchSpec, n_layers: int, lines) -> list[TensorJob]:
+    """Each job with its LiNeS scale alpha + beta * depth: output layer l of L at depth l / (L - 1), what comes
+    before the layers (embeddings, a carried vision tower) at 0, what comes after (final norm, head) at 1."""
+    before = {w.name for w in spec.pre_weights}
+    out = []
+    for job in jobs:
+        layer = spec.layer_of(job.name)
+        if layer is not None:
+            depth = layer / (n_layers - 1) if n_layers > 1 else 1.0
+        else:
+            depth = 0.0 if job.name in before or spec.carries(job.name) else 1.0
+        out.append(replace(job, lines_scale=float(lines.alpha + lines.beta * depth)))
+    return out
 
 
 def left_out(models: list[InputModel], jobs: list, slices: list[Slice]) -> tuple[tuple[str, str, str], ...]:
