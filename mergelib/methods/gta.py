@@ -88,8 +88,10 @@ def _outliers(blocks: keep.Blocks, i: int, p: BreadcrumbsModelParams, generator:
 def _magprune(blocks: keep.Blocks, i: int, p: DellaModelParams, generator: torch.Generator | None) -> keep.Rule:
     if p.density <= 0:
         return keep.Band(0)
-    device = blocks.read(-1, 0, 1).device
-    magnitude = torch.empty(blocks.shape, dtype=torch.float32, device=device)  # per-row ranks need the whole |delta_i|
+    if len(blocks.shape) >= 2:  # rows along the last dimension are whole in every block: decided block by block
+        return keep.Ranked(p.density, p.epsilon, masks.draw_key(_seeded(generator)), blocks.shape[-1])
+    device = blocks.read(-1, 0, 1).device  # a 1-D tensor is one row: its ranks need the whole |delta_i|
+    magnitude = torch.empty(blocks.shape, dtype=torch.float32, device=device)
     for start, end, _ in blocks.ranges():
         torch.sub(blocks.read(i, start, end), blocks.read(-1, start, end), out=magnitude[start:end]).abs_()
     return keep.Explicit(masks.magprune_mask(magnitude, p.density, p.epsilon, _seeded(generator)))
@@ -119,7 +121,7 @@ def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, mode
     for start, end, offset in blocks.ranges():
         base, xs = blocks.inputs(start, end)
         out = np.empty_like(base)
-        fused.gta_block(base, xs, offset, *arrays.args(offset, offset + base.shape[0]), factors, weights,
+        fused.gta_block(base, xs, offset, *arrays.args(offset, offset + base.shape[0], base, xs), factors, weights,
                         consensus, params.normalize, divisor, lam, out)
         emit(start, torch.from_numpy(out).view((end - start, *blocks.shape[1:])))
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mergelib.methods import fused, torch_kernels
+from mergelib.methods import masks as masks_module
 from mergelib.methods.select import top_k_mask
 
 _DIGITS = 1 << 16
@@ -82,7 +83,19 @@ class Explicit:
     mask: torch.Tensor
 
 
-Rule = Band | Random | Explicit | None  # None: keep everything
+@dataclass(frozen=True)
+class Ranked:
+    """DELLA's MAGPRUNE: keep where uniform(key, flat index) < the row-rank probability of |delta| within its
+    last-dimension row of `row` elements (`masks.magprune_probabilities`). Rows are whole inside any block of
+    leading rows, so each block decides its own mask: no whole-tensor |delta|, sort or mask is held."""
+
+    density: float
+    epsilon: float
+    key: int
+    row: int
+
+
+Rule = Band | Random | Explicit | Ranked | None  # None: keep everything
 
 
 class RuleArrays:
@@ -97,20 +110,40 @@ class RuleArrays:
         self.key = np.zeros(n_models, dtype=np.uint64)
         self.prob = np.zeros(n_models, dtype=np.float32)
         self.masks: dict[int, torch.Tensor] = {}
+        self.ranked: dict[int, Ranked] = {}
+        self._ranked_blocks: dict[tuple[int, int], np.ndarray] = {}  # block masks, decided once for every pass
 
-    def explicit(self, start: int, end: int) -> np.ndarray:
-        """[N, end - start] bool rows of the explicit masks for flat elements [start, end) (a dummy when none)."""
-        if not self.masks:
+    def explicit(self, start: int, end: int, base: np.ndarray | None = None,
+                 xs: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+        """[N, end - start] bool rows of the explicit masks for flat elements [start, end) (a dummy when none);
+        row-ranked rules are decided here from the block's inputs (`base`, `xs`: flat, that range)."""
+        if not self.masks and not self.ranked:
             return np.zeros((len(self.kind), 1), dtype=np.bool_)
         out = np.zeros((len(self.kind), end - start), dtype=np.bool_)
         for i, mask in self.masks.items():
             out[i] = mask.reshape(-1)[start:end].numpy()
+        if self.ranked:
+            if (start, end) not in self._ranked_blocks:
+                self._ranked_blocks[(start, end)] = self._decide_ranked(start, end, base, xs)
+            out[list(self.ranked)] = self._ranked_blocks[(start, end)]
         return out
 
-    def args(self, start: int, end: int) -> tuple:
-        """The rule arguments of the kernels, for flat elements [start, end)."""
+    def _decide_ranked(self, start: int, end: int, base: np.ndarray, xs: tuple[np.ndarray, ...]) -> np.ndarray:
+        masks = np.zeros((len(self.ranked), end - start), dtype=np.bool_)
+        draws = np.empty(end - start, dtype=np.float32)
+        for r, (i, rule) in enumerate(self.ranked.items()):
+            magnitude = torch.from_numpy(np.abs(xs[i] - base)).view(-1, rule.row)
+            probability = masks_module.magprune_probabilities(magnitude, rule.density, rule.epsilon)
+            fused.fill_uniform(rule.key, start, draws)
+            masks[r] = draws < probability.reshape(-1).numpy()
+        return masks
+
+    def args(self, start: int, end: int, base: np.ndarray | None = None,
+             xs: tuple[np.ndarray, ...] | None = None) -> tuple:
+        """The rule arguments of the kernels, for flat elements [start, end) (given the block's inputs when a
+        rule is row-ranked)."""
         return (self.kind, self.lo_cut, self.lo_tie, self.hi_cut, self.hi_tie, self.key, self.prob,
-                self.explicit(start, end))
+                self.explicit(start, end, base, xs))
 
 
 def _bits_to_float(bits: int) -> float:
@@ -263,6 +296,9 @@ def torch_mask(rule: Rule, magnitudes: torch.Tensor) -> torch.Tensor | None:
     if isinstance(rule, Random):
         draws = torch_kernels.uniform(rule.key, 0, magnitudes.numel(), magnitudes.device)
         return draws < torch.tensor(rule.prob, dtype=torch.float32, device=magnitudes.device)
+    if isinstance(rule, Ranked):
+        probability = masks_module.magprune_probabilities(magnitudes.view(-1, rule.row), rule.density, rule.epsilon)
+        return torch_kernels.uniform(rule.key, 0, magnitudes.numel(), magnitudes.device) < probability.reshape(-1)
     return rule.mask.reshape(-1).to(magnitudes.device)
 
 
@@ -293,6 +329,9 @@ def rule_arrays(blocks: Blocks, rules: list[Rule]) -> RuleArrays:
         elif isinstance(rule, Explicit):
             arrays.kind[i] = fused.KEEP_MASK
             arrays.masks[i] = rule.mask
+        elif isinstance(rule, Ranked):
+            arrays.kind[i] = fused.KEEP_MASK
+            arrays.ranked[i] = rule
     return arrays
 
 
@@ -303,7 +342,7 @@ def l1_factors(blocks: Blocks, arrays: RuleArrays, sparsified: list[bool]) -> np
     after = np.zeros_like(before)
     for start, end, offset in blocks.ranges():
         base, xs = blocks.inputs(start, end)
-        fused.abs_sums(base, xs, offset, *arrays.args(offset, offset + base.shape[0]), before, after)
+        fused.abs_sums(base, xs, offset, *arrays.args(offset, offset + base.shape[0], base, xs), before, after)
     return rescale_factors([(b.tolist(), a.tolist()) for b, a in zip(before, after)], sparsified)
 
 

@@ -94,13 +94,25 @@ def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return n_keep, min(n_top, n - n_keep)
 
 
+def magprune_probabilities(magnitude_rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MAGPRUNE keep probabilities of [R, n] rows of |delta|: p = (density - eps) + 2*eps*rank_hat,
+    rank_hat = rank/(n-1) in [0, 1] ranking |delta| ascending within each row, ties to the lower index (a
+    one-element row gets p = density). Each row on its own: any block of whole rows gives the same values."""
+    n = magnitude_rows.shape[-1]
+    # Position j in a descending stable sort has ascending rank n-1-j: ties give the lower index the higher rank.
+    order = torch.sort(magnitude_rows, dim=-1, descending=True, stable=True).indices  # [R, n] int64
+    positions = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=magnitude_rows.device)
+    rank_hat = positions / (n - 1) if n > 1 else torch.full_like(positions, 0.5)
+    p_by_position = ((density - epsilon) + 2 * epsilon * rank_hat).to(torch.float32)  # [n]
+    return torch.empty_like(magnitude_rows).scatter_(-1, order, p_by_position.expand_as(magnitude_rows))
+
+
 def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
-    """DELLA MAGPRUNE: per row, keep with p = (density - eps) + 2*eps*rank_hat, rank_hat = rank/(n-1) in [0, 1]
-    ranking |delta| ascending within the row.
+    """DELLA MAGPRUNE: per row, keep with the probability `magprune_probabilities` gives.
 
     Rows run along the last dimension; a 1-D tensor is one row (mergekit ranks along dim 1, which is the same
-    for 1-D and 2-D tensors). A one-element row gets p = density (mergekit divides 0 by 0 there).
-    density >= 1 keeps all and density <= 0 keeps none, without drawing; otherwise 0 < density +- eps < 1.
+    for 1-D and 2-D tensors). density >= 1 keeps all and density <= 0 keeps none, without drawing; otherwise
+    0 < density +- eps < 1.
     """
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
@@ -109,14 +121,7 @@ def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, generator
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"density +- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}")
     n = delta.shape[-1] if delta.dim() > 0 else 1
-    rows = delta.reshape(-1, n)  # [R, n]
-    # Position j in a descending stable sort has ascending rank n-1-j: ties give the lower index the higher rank.
-    order = torch.sort(rows.abs(), dim=-1, descending=True, stable=True).indices  # [R, n] int64
-    positions = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=delta.device)
-    rank_hat = positions / (n - 1) if n > 1 else torch.full_like(positions, 0.5)
-    p_by_position = ((density - epsilon) + 2 * epsilon * rank_hat).to(torch.float32)  # [n]
-    keep_prob = torch.empty_like(rows).scatter_(-1, order, p_by_position.expand_as(rows))  # [R, n]
-    del order
+    keep_prob = magprune_probabilities(delta.reshape(-1, n).abs(), density, epsilon)
     return _uniform(delta, generator) < keep_prob.view(delta.shape)
 
 
