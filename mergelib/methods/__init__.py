@@ -17,6 +17,7 @@ from mergelib.methods import (
     sce,
     slerp,
     spectral,
+    wudi,
 )
 from mergelib.methods.base import MethodInputs, MethodSpec, NoParams, Params
 
@@ -34,6 +35,7 @@ METHOD_MODULES = (
     sce,
     ram,
     spectral,
+    wudi,
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for module in METHOD_MODULES for spec in module.SPECS}
