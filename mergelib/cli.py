@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moe(sub)
     _add_extract_lora(sub)
     _add_search(sub)
+    _add_tokensurgeon(sub)
     return parser
 
 
@@ -116,6 +117,40 @@ def _add_search(sub) -> None:
     p.add_argument("--executor", choices=("serial", "ray"), default=None, help="override search.executor")
     p.add_argument("--workers", type=positive_int, default=None, help="override search.workers (ray)")
     p.add_argument("--storage", default=None, help="override search.storage (an RDB URL)")
+
+
+# tokensurgeon's choices, spelled here so building the parser does not import torch; a test guards drift from
+# mergelib.tokenizer.approximate and mergelib.tokenizer.transplant
+TOKENSURGEON_METHODS = ("omp", "common_interpolation", "subword", "mean", "zero", "randn")
+TOKENSURGEON_WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
+TOKENSURGEON_SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
+TOKENSURGEON_MATCH_SCOPES = ("no", "yes", "embed", "lm_head")
+
+
+def _add_tokensurgeon(sub) -> None:
+    p = sub.add_parser("tokensurgeon", help="give MODEL the DONOR's tokenizer (new embedding rows approximated)")
+    p.add_argument("model", help="the model whose weights are kept (directory or Hub id)")
+    p.add_argument("donor", help="the model whose tokenizer the output gets")
+    p.add_argument("out", help="output directory (replaced atomically on success)")
+    p.add_argument("--approximation-method", "-a", choices=TOKENSURGEON_METHODS, default="omp",
+                   help="how rows of tokens MODEL lacks are built (default omp)")
+    p.add_argument("-k", type=int, default=64, help="anchors (shared tokens) per new token for omp and "
+                                                    "common_interpolation (default 64)")
+    p.add_argument("--cosine-similarity", "-c", action="store_true",
+                   help="pick anchors by cosine similarity instead of dot product (omp) or L2 distance")
+    p.add_argument("--weight-scheme", "-w", choices=TOKENSURGEON_WEIGHT_SCHEMES, default="distance_proportional",
+                   help="common_interpolation weights (default distance_proportional)")
+    p.add_argument("--subword-method", "-s", choices=TOKENSURGEON_SUBWORD_METHODS, default="mean",
+                   help="subword: how the pieces' rows combine (default mean)")
+    p.add_argument("--batch-size", type=int, default=512, help="new tokens approximated at once (default 512)")
+    p.add_argument("--prefix-match", "-pm", nargs="?", const="yes", default="no", choices=TOKENSURGEON_MATCH_SCOPES,
+                   help="copy the row of MODEL's longest token that is a byte prefix of a new token")
+    p.add_argument("--byte-match", "-bm", nargs="?", const="yes", default="no", choices=TOKENSURGEON_MATCH_SCOPES,
+                   help="copy the row of MODEL's token with the same bytes under another spelling")
+    p.add_argument("--new-vocab-noise", "-nvn", type=float, default=0.0, help="std of noise added to new rows")
+    p.add_argument("--new-vocab-scale", "-nvs", type=float, default=1.0, help="new rows are multiplied by this")
+    p.add_argument("--seed", type=int, default=0, help="seed for randn and --new-vocab-noise (default 0)")
+    p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="max bytes per shard (5GB)")
 
 
 def _add_moe(sub) -> None:
@@ -293,7 +328,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "moe": cmd_moe, "extract-lora": cmd_extract_lora, "search": cmd_search}
+def cmd_tokensurgeon(args: argparse.Namespace) -> int:
+    from mergelib.tokenizer.transplant import TransplantOptions, transplant_tokenizer
+
+    opts = TransplantOptions(
+        approximation_method=args.approximation_method, k=args.k, cosine_similarity=args.cosine_similarity,
+        weight_scheme=args.weight_scheme, subword_method=args.subword_method, batch_size=args.batch_size,
+        prefix_match=args.prefix_match, byte_match=args.byte_match, new_vocab_noise=args.new_vocab_noise,
+        new_vocab_scale=args.new_vocab_scale, seed=args.seed, out_shard_size=args.out_shard_size)
+    result = transplant_tokenizer(args.model, args.donor, args.out, opts)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    made = ", ".join(f"{name} {n}" for name, n in result.n_approximated.items())
+    print(f"transplanted the donor's tokenizer: {result.n_rows} rows, {result.n_shared} shared, approximated "
+          f"({result.method}): {made}; into {result.out_dir} in {result.seconds:.1f}s")
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "moe": cmd_moe, "extract-lora": cmd_extract_lora, "search": cmd_search,
+            "tokensurgeon": cmd_tokensurgeon}
 
 
 def main(argv: list[str] | None = None) -> int:
