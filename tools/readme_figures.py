@@ -2,7 +2,8 @@
 docs/figures/NAME.json with the library versions it ran under (demo: reports/ after `make demo`; sweep and smollm2:
 reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
 reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`;
-search: reports/search_bench.json after `make bench-search`). With no argument (`make readme-figures`) every figures
+search: reports/search_bench.json after `make bench-search`; spectral: reports/spectral_bench.json after
+`benchmarks/spectral_bench.py`). With no argument (`make readme-figures`) every figures
 block of README.md is re-rendered from those files; `--check` exits 1 when a block differs from its file.
 """
 
@@ -98,6 +99,20 @@ def _bench_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def record_spectral() -> dict:
+    """Seconds per weight matrix of the spectral methods, from reports/spectral_bench.json (spectral_bench.py)."""
+    return json.loads((REPO / "reports" / "spectral_bench.json").read_text())
+
+
+def _spectral_table(data: dict) -> str:
+    size, tasks = data["size"], data["tasks"]
+    lines = [f"| method | s per {size}x{size} matrix ({tasks} task vectors, {data['threads']} thread) | "
+             "/ task_arithmetic |", "|---|---:|---:|"]
+    for method, seconds in data["seconds"].items():
+        lines.append(f"| {method} | {seconds} | {data['ratio_to_task_arithmetic'][method]}x |")
+    return "\n".join(lines)
+
+
 def _table(rows: list[list], bold: str | None = None) -> str:
     """A markdown table of [label, {task: value}] rows, one column per known task present."""
     tasks = [t for t in TASKS if any(t in scores for _, scores in rows)]
@@ -124,6 +139,8 @@ def render(name: str, data: dict) -> str:
         text = _bench_table(data["rows"])
     elif name == "search":
         text = _search_tables(data)
+    elif name == "spectral":
+        text = _spectral_table(data)
     else:
         raise SystemExit(f"docs/figures/{name}.json: no renderer for '{name}'")
     return f"{text}\n\n<sub>Measured with {versions} (`python tools/readme_figures.py --record {name}`).</sub>\n"
@@ -145,7 +162,8 @@ def main(argv: list[str]) -> int:
     if "--record" in argv:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
-                     "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray}
+                     "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray,
+                     "spectral": record_spectral}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2
