@@ -182,6 +182,62 @@ def _write_gguf(path: Path, tensors: dict[str, tuple[Q, tuple[int, int]]], arch:
     return raw
 
 
+def _scale_min_k4(j: int, q: bytes) -> tuple[int, int]:
+    """The 6-bit scale and min of sub-block j packed in a K-quant block's 12 scale bytes (GGML's layout)."""
+    if j < 4:
+        return q[j] & 63, q[j + 4] & 63
+    return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+
+def _reference_k_block(qtype: Q, block: bytes) -> list[float]:
+    """One 256-value K-quant block decoded element by element in Python floats from GGML's block layout (written
+    from the format, not with the gguf package): Q4_K/Q5_K = d, dmin, 12 scale bytes, [qh 32,] qs 128; Q6_K = ql 128,
+    qh 64, 16 int8 scales, d."""
+    half = lambda raw: float(np.frombuffer(raw, dtype=np.float16)[0])  # noqa: E731
+    out = [0.0] * 256
+    if qtype == Q.Q6_K:
+        ql, qh, d = block[:128], block[128:192], half(block[208:210])
+        scales = np.frombuffer(block[192:208], dtype=np.int8).tolist()
+        for n in range(2):
+            for l in range(32):
+                sc = scales[8 * n + l // 16:]
+                a, b, h = ql[64 * n + l], ql[64 * n + l + 32], qh[32 * n + l]
+                values = ((a & 0xF) | ((h & 3) << 4), (b & 0xF) | (((h >> 2) & 3) << 4),
+                          (a >> 4) | (((h >> 4) & 3) << 4), (b >> 4) | (((h >> 6) & 3) << 4))
+                for part, q in enumerate(values):
+                    out[128 * n + 32 * part + l] = d * sc[2 * part] * (q - 32)
+        return out
+    d, dmin, scales = half(block[0:2]), half(block[2:4]), block[4:16]
+    qh, qs = (block[16:48], block[48:176]) if qtype == Q.Q5_K else (None, block[16:144])
+    for chunk in range(4):
+        for sub in range(2):
+            sc, m = _scale_min_k4(2 * chunk + sub, scales)
+            for l in range(32):
+                q = (qs[32 * chunk + l] >> (4 * sub)) & 0xF
+                if qh is not None:
+                    q += 16 * ((qh[l] >> (2 * chunk + sub)) & 1)
+                out[64 * chunk + 32 * sub + l] = d * sc * q - dmin * m
+    return out
+
+
+def test_k_quants_decode_as_the_ggml_block_layout_says(tmp_path):
+    """Each K type against a decoder written from the block layout: the values the merge reads are GGML's."""
+    tensors = {"token_embd.weight": (Q.Q4_K, (4, 256)), "blk.0.ffn_down.weight": (Q.Q5_K, (4, 256)),
+               "blk.0.ffn_up.weight": (Q.Q6_K, (4, 256))}
+    raw = _write_gguf(tmp_path / "k.gguf", tensors, seed=7)
+    index = index_model(gguf_model_dir(tmp_path / "k.gguf"))
+    for gguf_name, hf in (("token_embd.weight", "model.embed_tokens.weight"),
+                          ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+                          ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight")):
+        qtype, shape = tensors[gguf_name]
+        data = raw[gguf_name].tobytes()
+        size = gguf.GGML_QUANT_SIZES[qtype][1]
+        want = np.array([v for i in range(0, len(data), size) for v in _reference_k_block(qtype, data[i:i + size])],
+                        dtype=np.float64).reshape(shape)
+        got = read_tensor(hf, index.tensors[hf]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=f"{qtype.name}")
+
+
 def test_k_quants_read_in_hugging_face_layout(tmp_path):
     with pytest.raises(NotImplementedError):  # why these files are written raw: gguf cannot quantise K types
         gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), Q.Q4_K)
