@@ -74,6 +74,10 @@ class GgufDequant:
     def describe(self) -> str:
         return self.qtype
 
+    def read(self, name: str, info, start: int, end: int | None, read_stored=None) -> torch.Tensor:
+        """Rows [start, end) as float32 (only those rows' bytes where the layout allows; see read_gguf_tensor)."""
+        return read_gguf_tensor(name, info, start, end)
+
 
 # ---------------------------------------------------------------- references
 

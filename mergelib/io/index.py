@@ -46,7 +46,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     data_offset: int | None = None  # absolute byte offset of the data in a safetensors file (None for .bin)
-    dequant: Any = None  # a quantised group rebuilt on read (mergelib.io.quantized.Dequant), else None
+    dequant: Any = None  # rebuilt on read (quantized.Dequant, gguf_input.GgufDequant: both .read), else None
 
     @property
     def nbytes(self) -> int:

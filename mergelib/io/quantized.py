@@ -45,6 +45,11 @@ class Dequant:
             return "FP8 without scales"
         return f"FP8 with {self.block[0]}x{self.block[1]} block scales" if self.block else "FP8 with scales"
 
+    def read(self, name: str, info: Any, start: int, end: int | None, read_stored: Callable) -> torch.Tensor:
+        """Rows [start, end) of the dequantised tensor (the whole tensor is rebuilt, then sliced);
+        `read_stored(name, info)` reads a stored part."""
+        return dequantize(self, read_stored)[start:end]
+
 
 def _block_size(config: dict, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int]:
     """The rows x columns each scale covers: the config's weight_block_size (which must fit); without one,

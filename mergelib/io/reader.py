@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 
 from mergelib.errors import InputModelError
-from mergelib.io.gguf_input import read_gguf_tensor
 from mergelib.io.index import TensorInfo
-from mergelib.io.quantized import dequantize
 
 _bin_lock = threading.Lock()
 _bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
@@ -54,10 +52,8 @@ def _bin_state(info: TensorInfo) -> dict[str, torch.Tensor]:
 def read_tensor(name: str, info: TensorInfo) -> torch.Tensor:
     """Tensor `name` from its file, as stored (dtype and shape of the checkpoint); a quantised one dequantised
     (float32)."""
-    if info.dequant is not None and info.dequant.kind == "gguf":
-        return read_gguf_tensor(name, info)
-    if info.dequant is not None:
-        return dequantize(info.dequant, read_tensor)
+    if info.dequant is not None:  # FP8/MXFP4 (mergelib.io.quantized) or GGUF (mergelib.io.gguf_input)
+        return info.dequant.read(name, info, 0, None, read_tensor)
     if info.data_offset is not None:
         return _pread_rows(name, info, 0, info.shape[0] if info.shape else 1)
     return _bin_state(info)[name].clone()
@@ -65,10 +61,8 @@ def read_tensor(name: str, info: TensorInfo) -> torch.Tensor:
 
 def read_rows(name: str, info: TensorInfo, start: int, end: int) -> torch.Tensor:
     """Rows [start, end) of tensor `name` (along dim 0), reading only those bytes (a quantised tensor: whole)."""
-    if info.dequant is not None and info.dequant.kind == "gguf":
-        return read_gguf_tensor(name, info, start, end)
     if info.dequant is not None:
-        return read_tensor(name, info)[start:end]
+        return info.dequant.read(name, info, start, end, read_tensor)
     if info.data_offset is not None:
         return _pread_rows(name, info, start, end)
     return _bin_state(info)[name][start:end].clone()
