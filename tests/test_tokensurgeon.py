@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,3 +365,63 @@ def test_cli_choices_match_the_library():
     assert cli.TOKENSURGEON_WEIGHT_SCHEMES == approx.WEIGHT_SCHEMES
     assert cli.TOKENSURGEON_SUBWORD_METHODS == approx.SUBWORD_METHODS
     assert cli.TOKENSURGEON_MATCH_SCOPES == MATCH_SCOPES
+
+
+def test_recipe_transplant_choices_match_the_library():
+    from typing import get_args
+
+    from mergelib.config.recipe import TransplantConfig
+    from mergelib.tokenizer.transplant import MATCH_SCOPES
+
+    fields = TransplantConfig.model_fields
+    assert get_args(fields["approximation_method"].annotation) == approx.METHODS
+    assert get_args(fields["weight_scheme"].annotation) == approx.WEIGHT_SCHEMES
+    assert get_args(fields["subword_method"].annotation) == approx.SUBWORD_METHODS
+    assert get_args(fields["prefix_match"].annotation) == get_args(fields["byte_match"].annotation) == MATCH_SCOPES
+    defaults = TransplantOptions()
+    assert all(getattr(defaults, k) == f.default for k, f in fields.items())
+
+
+def test_recipe_merges_models_with_different_vocabularies_through_a_transplant(pair, tmp_path):
+    """`tokenizer: {source: DONOR, transplant: omp}`: MODEL gets DONOR's tokenizer (exactly what `tokensurgeon`
+    writes), DONOR is used as it is, and the merge of the two equals a linear merge of the transplanted copy and
+    DONOR; a second merge reuses the cached transplant."""
+    from mergelib.merging.api import merge
+
+    model, donor = pair
+    recipe = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 0.5}},
+                                                   {"model": str(donor), "parameters": {"weight": 0.5}}],
+              "tokenizer": {"source": str(donor), "transplant": "omp"}, "dtype": "float32"}
+    merge(recipe, tmp_path / "out")
+    by_hand = transplant_tokenizer(model, donor, tmp_path / "by_hand").out_dir
+    expected = {"merge_method": "linear", "dtype": "float32",
+                "models": [{"model": str(by_hand), "parameters": {"weight": 0.5}},
+                           {"model": str(donor), "parameters": {"weight": 0.5}}]}
+    merge(expected, tmp_path / "expected")
+    got, want = _tensors(tmp_path / "out"), _tensors(tmp_path / "expected")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert got["model.embed_tokens.weight"].shape[0] == 400
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (donor / "tokenizer.json").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "given the tokenizer of" in card and "shared tokens keep their rows" in card
+
+    cached = list((Path(os.environ["MERGELIB_CACHE"]) / "transplant").iterdir())
+    stamp = {p: (p / "model.safetensors").stat().st_mtime_ns for p in cached}
+    merge(recipe, tmp_path / "again")
+    assert {p: (p / "model.safetensors").stat().st_mtime_ns for p in cached} == stamp  # reused, not rebuilt
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_recipe_transplant_errors_name_the_field(pair, tmp_path):
+    from mergelib.config.recipe import load_recipe
+
+    model, donor = pair
+    base = {"merge_method": "linear", "models": [str(model), str(donor)]}
+    with pytest.raises(RecipeError, match="source.*union"):
+        load_recipe({**base, "tokenizer": {"transplant": "omp"}})
+    with pytest.raises(RecipeError, match="approximation_method"):
+        load_recipe({**base, "tokenizer": {"source": str(donor), "transplant": "nearest"}})
+    with pytest.raises(RecipeError, match="k"):
+        load_recipe({**base, "tokenizer": {"source": str(donor), "transplant": {"k": 0}}})

@@ -143,12 +143,42 @@ class TokenEmbedding(_Strict):
     force: bool = False  # also replace the rows of models that have the token
 
 
+class TransplantConfig(_Strict):
+    """`tokenizer.transplant`: give every input whose vocabulary differs from the source's that tokenizer first
+    (`mergelib tokensurgeon`, the same options by their tokensurgeon names), so models with different vocabularies
+    merge row for row. A bare string names the approximation method: `transplant: omp`."""
+
+    approximation_method: Literal["omp", "common_interpolation", "subword", "mean", "zero", "randn"] = "omp"
+    k: int = Field(64, ge=1)
+    cosine_similarity: bool = False
+    weight_scheme: Literal["distance_proportional", "barycentric", "least_squares"] = "distance_proportional"
+    subword_method: Literal["mean", "sum", "weighted_mean", "first_last"] = "mean"
+    prefix_match: Literal["no", "yes", "embed", "lm_head"] = "no"
+    byte_match: Literal["no", "yes", "embed", "lm_head"] = "no"
+    new_vocab_noise: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    new_vocab_scale: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_name(cls, value: Any) -> Any:
+        return {"approximation_method": value} if isinstance(value, str) else value
+
+
 class TokenizerConfig(_Strict):
     """The `tokenizer:` block (assembled vocabulary); see mergelib/tokenizer."""
 
     source: str = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = Field(default=None, ge=1)
+    transplant: TransplantConfig | None = None
+
+    @model_validator(mode="after")
+    def _transplant_source(self) -> TokenizerConfig:
+        if self.transplant is not None and self.source == "union":
+            raise ValueError("transplant: gives the models one donor's tokenizer, so 'source' must name it "
+                             "('base' or a model path), not union")
+        return self
 
 
 class LinesConfig(_Strict):

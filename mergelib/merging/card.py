@@ -38,6 +38,10 @@ def model_card(plan: MergePlan, *, seed: int, input_hashes: dict[str, dict[str, 
     if notes:
         lines += ["", "Quantised inputs were dequantised on read, so this is a merge of dequantised weights:", ""]
         lines += [f"- {note}" for note in notes]
+    if plan.transplanted:
+        lines += ["", "Inputs whose vocabulary differed from the donor's were given its tokenizer before merging "
+                  "(`tokenizer.transplant`):", ""]
+        lines += [f"- {note}" for note in plan.transplanted]
     lines += [
         "",
         "## Recipe",

@@ -133,6 +133,7 @@ class MergePlan:
     tokenizer: TokenizerPlan | None = None  # output vocabulary, when the recipe assembles one
     ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
     left_out: tuple[tuple[str, str, str], ...] = ()  # (model, tensor, why) for every input tensor not merged
+    transplanted: tuple[str, ...] = ()  # one line per input given the donor's tokenizer (tokenizer.transplant)
 
     def dequantised_notes(self) -> list[str]:
         """One line per quantised input model: what was dequantised on read."""

@@ -3,7 +3,9 @@ as output slices with the base model's role applied (mergekit's normalisation)."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from mergelib.arch import spec_for
 from mergelib.config.recipe import MergeRecipe, ModelRef
@@ -38,10 +40,11 @@ class Slice:
 class ModelTable:
     """Resolves and indexes each distinct model reference once."""
 
-    def __init__(self, trust_remote_code: bool):
+    def __init__(self, trust_remote_code: bool, transplant: Callable[[Path, str], Path] | None = None):
         self.models: list[InputModel] = []
         self._by_key: dict[str, int] = {}
         self.trust_remote_code = trust_remote_code
+        self.transplant = transplant  # gives a model the recipe's donor tokenizer (tokenizer.transplant)
 
     def add(self, ref: ModelRef) -> int:
         key = str(ref)
@@ -52,6 +55,8 @@ class ModelTable:
             from mergelib.lora.apply import lora_input  # late: only recipes with model+lora need it
 
             path = lora_input(path, ref.lora)
+        if self.transplant is not None:
+            path = self.transplant(path, key)
         config = read_config(path)
         if config.get("auto_map") and not self.trust_remote_code:
             raise InputModelError(

@@ -6,6 +6,7 @@ models and slices, architecture check, tokenizer, every tensor in output order, 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from mergelib.arch import ArchSpec, WeightSpec
 from mergelib.config.recipe import MergeRecipe, ignored_parameters
@@ -24,6 +25,9 @@ from mergelib.merging.plan_tensors import TensorPlanner
 from mergelib.methods import get_method
 from mergelib.tokenizer import TokenizerPlan, plan_tokenizer
 
+if TYPE_CHECKING:
+    from mergelib.tokenizer.donor import DonorTransplant
+
 
 def build_plan(
     recipe: MergeRecipe,
@@ -37,7 +41,8 @@ def build_plan(
 ) -> MergePlan:
     """Plan every output tensor of `recipe`; raises a MergelibError for anything wrong, reading no weights."""
     method = get_method(recipe.merge_method)
-    table = ModelTable(trust_remote_code)
+    transplant = _donor_transplant(recipe)
+    table = ModelTable(trust_remote_code, transplant)
     slices = recipe_slices(recipe, method, table)
     models = table.models
     reference = reference_model(slices)
@@ -48,7 +53,8 @@ def build_plan(
     align = tokenizer is not None and (recipe.tokenizer is not None or recipe.tokenizer_source is not None)
     planner = TensorPlanner(recipe, method, models, tokenizer, align, out_dtype, unsafe_truncate_embeddings)
     layer_origin = _plan_tensors(planner, spec, slices)
-    notes = planner.notes + _unmerged_note(recipe, spec, models[reference], planner)
+    transplanted = tuple(transplant.notes) if transplant else ()
+    notes = list(transplanted) + planner.notes + _unmerged_note(recipe, spec, models[reference], planner)
 
     config = output_config(models[reference], spec, len(layer_origin), layer_origin, models,
                            planner.any_untied_head, planner.jobs)
@@ -58,7 +64,7 @@ def build_plan(
     shards = pack_shards([TensorSlot(j.name, j.shape, j.dtype) for j in jobs], out_shard_size)
     return MergePlan(
         recipe, method, tuple(models), tuple(jobs), shards, config, planner.working, reference, tuple(notes),
-        allow_nan, tokenizer, ignored_parameters(recipe), left_out(models, jobs, slices),
+        allow_nan, tokenizer, ignored_parameters(recipe), left_out(models, jobs, slices), transplanted,
     )
 
 
@@ -143,6 +149,16 @@ def _unmerged_note(recipe: MergeRecipe, spec: ArchSpec, ref_model: InputModel, p
     return [f"not merged (unknown to the {spec.family} spec): {', '.join(extra[:8])}"] if extra else []
 
 
+def _donor_transplant(recipe: MergeRecipe) -> DonorTransplant | None:
+    """What gives the inputs the donor's tokenizer when the recipe sets `tokenizer.transplant`."""
+    if recipe.tokenizer is None or recipe.tokenizer.transplant is None:
+        return None
+    from mergelib.tokenizer.donor import DonorTransplant  # late: only recipes that transplant need tokenizers
+
+    first = recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model
+    return DonorTransplant.from_recipe(recipe.tokenizer.source, recipe.base_model, first, recipe.tokenizer.transplant)
+
+
 def _plan_tokenizer(recipe: MergeRecipe, models: list[InputModel], spec: ArchSpec,
                     slices: list[Slice]) -> TokenizerPlan | None:
     """The output vocabulary when the recipe sets `tokenizer`, `tokenizer_source` or `chat_template`."""
@@ -157,7 +173,10 @@ def _plan_tokenizer(recipe: MergeRecipe, models: list[InputModel], spec: ArchSpe
     base = models[first.base.model].label if first.base is not None else (
         str(recipe.base_model) if recipe.base_model is not None else None
     )
-    return plan_tokenizer({m.label: m.path for m in models}, base, recipe.tokenizer, recipe.tokenizer_source,
+    config = recipe.tokenizer
+    if config is not None and config.transplant is not None:
+        config = config.model_copy(update={"source": "base", "transplant": None})  # every input has the donor's
+    return plan_tokenizer({m.label: m.path for m in models}, base, config, recipe.tokenizer_source,
                           recipe.chat_template, sizes)
 
 
