@@ -11,6 +11,13 @@ ru_maxrss, the largest over the merge's runs.
                                      [--out reports/bench.json]
     python benchmarks/merge_bench.py --executor ray --workers 2 --sizes 1b --shard-size 500000000
                                      [--out reports/bench_ray.json]   (Ray shard tasks against the local merge)
+    python benchmarks/merge_bench.py --peer-env /path/to/venv-with-mergekit --cases linear slerp ties dare_ties
+                                     della model_stock [--out reports/bench_peer.json]
+
+With `--peer-env` (a Python environment with mergekit installed, e.g. `python -m venv V && V/bin/pip install
+mergekit`), each case is also merged by `V/bin/mergekit-yaml` from the same recipe, in the same run, alternating with
+the floor and mergelib: mergekit's time is the best of its default settings and `-j 1` (it runs its graph on a
+thread pool by default), and each row gets the ratios mergelib / mergekit (time, peak RSS) beside the IO floor.
 """
 
 from __future__ import annotations
@@ -80,6 +87,12 @@ def recipes(family) -> dict[str, dict]:
             }
             for method in ("ties", "dare_ties", "della", "task_arithmetic")
         },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": str(family.base),
+            "models": [{"model": str(family.base)}, {"model": fts[0]}],
+            "parameters": {"t": 0.5},
+        },
         "model_stock": {
             "merge_method": "model_stock",
             "base_model": str(family.base),
@@ -138,6 +151,13 @@ def merge_command(args, recipe: Path, out: Path) -> list[str]:
             str(args.threads), "--out-shard-size", args.shard_size]
 
 
+def peer_command(args, recipe: Path, out: Path, extra: list[str]) -> list[str]:
+    """mergekit's `mergekit-yaml` on the same recipe (its shard size counts parameters: the default keeps one
+    shard at these sizes, as mergelib's 5 GB does)."""
+    return [str(Path(args.peer_env) / "bin" / "mergekit-yaml"), str(recipe), str(out), "--quiet",
+            "--random-seed", "0", "--no-write-model-card", *extra]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["120m", "1b"])
@@ -151,17 +171,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray shard tasks at once (--executor ray)")
     parser.add_argument("--shard-size", default=str(5_000_000_000),
                         help="output shard bytes (Ray splits a merge by shards: give several, e.g. 500000000)")
+    parser.add_argument("--peer-env", default=None,
+                        help="a Python environment holding mergekit: time `mergekit-yaml` on the same recipes")
     args = parser.parse_args()
+    if args.peer_env and not (Path(args.peer_env) / "bin" / "mergekit-yaml").is_file():
+        parser.error(f"--peer-env {args.peer_env}: no bin/mergekit-yaml there; install mergekit into that venv")
     if args.executor == "ray":
         return bench_ray(args)
 
     rows = []
     for size, case, recipe, tmp in case_recipes(args):
-        floor_runs, merge_runs = [], []
+        floor_runs, merge_runs, peer_runs = [], [], []
         for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
             floor_runs.append(measure_child(
                 [sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), args.shard_size]))
             merge_runs.append(measure_child(merge_command(args, recipe, tmp / "merged")))
+            if args.peer_env:
+                for extra in ([], ["-j", "1"]):
+                    peer_runs.append((*measure_child(peer_command(args, recipe, tmp / "peer", extra)), extra))
         floor_s, floor_rss = min(floor_runs)
         merge_s = min(t for t, _ in merge_runs)
         merge_rss = max(rss for _, rss in merge_runs)
@@ -171,10 +198,24 @@ def main() -> None:
             "ratio": round(merge_s / floor_s, 2), "merge_peak_rss_mb": round(merge_rss / 1e6),
             "floor_peak_rss_mb": round(floor_rss / 1e6), "output_mb": round(size_bytes / 1e6),
         }
+        if peer_runs:
+            peer_s, peer_rss, peer_flags = min(peer_runs, key=lambda r: r[0])
+            row.update({"mergekit_s": round(peer_s, 2), "mergekit_flags": " ".join(peer_flags) or "default",
+                        "mergekit_peak_rss_mb": round(peer_rss / 1e6),
+                        "time_vs_mergekit": round(merge_s / peer_s, 2),
+                        "rss_vs_mergekit": round(merge_rss / peer_rss, 2),
+                        "mergekit_vs_floor": round(peer_s / floor_s, 2)})
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.peer_env:
+        print("\n| size | case | mergelib s | mergekit s | time ratio | RSS ratio | mergelib / IO floor |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['size']} | {r['case']} | {r['merge_s']} | {r['mergekit_s']} | {r['time_vs_mergekit']} | "
+                  f"{r['rss_vs_mergekit']} | {r['ratio']} |")
+        return
     print("\n| size | case | merge s | IO floor s | ratio | merge peak RSS MB | output MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
