@@ -133,6 +133,9 @@ class MergePlan:
     tokenizer: TokenizerPlan | None = None  # output vocabulary, when the recipe assembles one
     ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
     left_out: tuple[tuple[str, str, str], ...] = ()  # (model, tensor, why) for every input tensor not merged
+    # data-aware methods: where each input model's statistics are (mergelib.calibration.store), set by
+    # `mergelib.calibration.prepare.statistics_for` after planning, before the engine runs
+    statistics: object | None = None
 
     def dequantised_notes(self) -> list[str]:
         """One line per quantised input model: what was dequantised on read."""
