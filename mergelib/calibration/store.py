@@ -71,7 +71,7 @@ class StatisticsStore:
         if path is None:
             return None
         with safe_open(path, "pt") as handle:
-            return handle.get_tensor(name).to(torch.float32) if name in handle.keys() else None
+            return handle.get_tensor(name).to(torch.float32) if name in set(handle.keys()) else None
 
 
 @dataclass(frozen=True)
