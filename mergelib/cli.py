@@ -248,6 +248,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    if plan.statistics is not None:
+        reused = sum(plan.statistics.reused.values())
+        print(f"mergelib: note: {plan.statistics.kind} statistics: {reused} of {len(plan.models)} model(s) from the "
+              f"cache or given files, {len(plan.models) - reused} gathered", file=sys.stderr)
     resumed = f" ({result.shards_reused} complete shard(s) reused from an interrupted run)" if result.shards_reused else ""
     print(f"merged {result.n_tensors} tensors ({_human(result.bytes_written)}) into {result.out_dir} "
           f"in {result.seconds:.1f}s, peak RSS {_human(result.peak_rss_bytes)}{resumed}")
