@@ -207,6 +207,9 @@ def cmd_methods() -> int:
         print(f"  {base}; paper: {spec.paper or '-'}")
         print(f"  global: {', '.join(_param_lines(spec.params, dict(spec.ignored))) or '-'}")
         print(f"  per model: {', '.join(_param_lines(spec.model_params, dict(spec.ignored))) or '-'}")
+        if spec.statistics is not None:
+            flow = " through the merged layers below" if spec.statistics_flow == "merged" else ""
+            print(f"  needs calibration: {spec.statistics} statistics{flow} (recipe block `calibration:`)")
         print("  on a GPU: " + ("the same bytes as the CPU" if spec.device_exact else
                                 "within 1e-6 relative of the CPU (reductions run in the device's order)"))
     return 0

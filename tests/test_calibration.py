@@ -180,6 +180,7 @@ def test_regmean_plus_plus_grams_come_from_the_merged_layers(tiny_family, tmp_pa
     for i, path in enumerate(models):
         got = load_file(result.plan.statistics.files[i])
         candidate = full_model(path)
+        pieces = LayerwiseModel(input_model(path))  # for the layers' keyword arguments (mask, rotary)
         want: dict[str, torch.Tensor] = {}
         for ids in sequences:
             final = []  # the final norm's input (hidden_states[-1] is its output)
@@ -192,7 +193,7 @@ def test_regmean_plus_plus_grams_come_from_the_merged_layers(tiny_family, tmp_pa
                 handles = [m.register_forward_pre_hook(
                     lambda mod, args, n=f"model.layers.{index}.{name}.weight": records.__setitem__(n, args[0]))
                     for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
-                kwargs = LayerwiseModel(input_model(path)).layer_kwargs(states[index])[index]
+                kwargs = pieces.layer_kwargs(states[index])[index]
                 with torch.no_grad():
                     layer(states[index], **kwargs)
                 for h in handles:

@@ -73,6 +73,7 @@ def test_recipe_errors_are_one_line_before_any_weight(case, fragments, tiny_fami
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_merge_loads_generates_and_reuses_the_cache(tiny_family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
