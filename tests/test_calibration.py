@@ -206,3 +206,18 @@ def test_regmean_plus_plus_grams_come_from_the_merged_layers(tiny_family, tmp_pa
         assert set(got) == set(want)
         for name in want:
             torch.testing.assert_close(got[name], want[name].float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_merge_state_dicts_takes_statistics_and_needs_them():
+    from mergelib.merging.in_memory import merge_state_dicts
+
+    a = {"l.weight": torch.tensor([[1.0, 0.0]]), "n.weight": torch.tensor([1.0, 3.0])}
+    b = {"l.weight": torch.tensor([[0.0, 1.0]]), "n.weight": torch.tensor([3.0, 1.0])}
+    grams = [{"l.weight": torch.diag(torch.tensor([3.0, 1.0]))}, {"l.weight": torch.diag(torch.tensor([1.0, 3.0]))}]
+    out = merge_state_dicts("regmean", None, [a, b], statistics=grams)
+    assert torch.equal(out["l.weight"], torch.tensor([[0.75, 0.75]]))
+    assert torch.equal(out["n.weight"], torch.tensor([2.0, 2.0]))
+    with pytest.raises(RecipeError, match="statistics: regmean needs"):
+        merge_state_dicts("regmean", None, [a, b])
+    with pytest.raises(RecipeError, match="statistics: linear uses no statistics"):
+        merge_state_dicts("linear", None, [a, b], {"weight": 1.0}, statistics=grams)

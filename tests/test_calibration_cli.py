@@ -98,7 +98,8 @@ def test_merge_loads_generates_and_reuses_the_cache(tiny_family, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "2 of 2 model(s) from the cache or given files, 0 gathered" in second.stderr
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "out2" / "model.safetensors").read_bytes()
+    first_bytes = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert first_bytes == (tmp_path / "out2" / "model.safetensors").read_bytes()
 
 
 def test_precomputed_statistics_files_are_used(tiny_family, tmp_path):

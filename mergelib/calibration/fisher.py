@@ -70,7 +70,8 @@ def gather_fisher(model: LayerwiseModel, sequences: list[torch.Tensor], path: Pa
                 params = dict(zip(model.tensor_names(live), live.parameters()))
                 grads, incoming = _per_sequence(
                     params, inputs[index],
-                    lambda h, s, index=index, above=incoming: (model.run_layer(live, h, kwargs[s][index]) * above[s]).sum())
+                    lambda h, s, index=index, above=incoming:
+                        (model.run_layer(live, h, kwargs[s][index]) * above[s]).sum())
             inputs[index] = []  # this layer's inputs are no longer needed
             _write(out, model, grads)
         # the embeddings: the lookup's gradient, plus the head's when they are one matrix

@@ -60,7 +60,8 @@ def gather_merged_grams(plan, sequences: list[torch.Tensor], paths: dict[int, Pa
                     grams[(i, name)] = stored
             store = MemoryStore("gram", grams)
             layer = ref.layers[index]
-            with ref.loaded(layer, source=lambda name, store=store: _merged_tensor(plan, jobs, name, store, seed)) as merged:
+            source = lambda name, store=store: _merged_tensor(plan, jobs, name, store, seed)  # noqa: E731
+            with ref.loaded(layer, source=source) as merged:
                 hidden = [ref.run_layer(merged, h, kw[index]) for h, kw in zip(hidden, kwargs)]
         for i, model in enumerate(models):
             if model.tied:

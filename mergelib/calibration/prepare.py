@@ -59,7 +59,8 @@ def _tokenizer(model):
     try:
         return AutoTokenizer.from_pretrained(model.path)
     except (OSError, ValueError) as exc:
-        raise InputModelError(f"model '{model.label}': no tokenizer to read the calibration data with ({exc})") from None
+        raise InputModelError(
+            f"model '{model.label}': no tokenizer to read the calibration data with ({exc})") from None
 
 
 def statistics_for(plan, seed: int = 0) -> StatisticsStore:

@@ -255,7 +255,8 @@ def _check_calibration(recipe: MergeRecipe, method) -> None:
         listed += [str(s.model) for piece in recipe.slices or [] for s in piece.sources]
         for key in given:
             if key not in listed:
-                raise ValueError(f"calibration.statistics: '{key}' is not a model of the recipe{did_you_mean(key, listed)}")
+                raise ValueError(
+                    f"calibration.statistics: '{key}' is not a model of the recipe{did_you_mean(key, listed)}")
         missing = [m for m in dict.fromkeys(listed) if m not in given]
         if missing:
             raise ValueError(f"calibration.statistics: no statistics file for model '{missing[0]}'; give one per model")

@@ -35,7 +35,8 @@ def merge(inputs: MethodInputs, params: FisherParams) -> torch.Tensor:
     shape = inputs.tensors[0].shape
     device = inputs.tensors[0].device
     if fishers is None or any(f is None or tuple(f.shape) != tuple(shape) for f in fishers):
-        fishers = tuple(torch.ones(shape, dtype=torch.float64, device=device) for _ in inputs.tensors)  # the weighted average
+        # no usable Fisher: equal ones, i.e. the weighted average
+        fishers = tuple(torch.ones(shape, dtype=torch.float64, device=device) for _ in inputs.tensors)
     numerator = torch.zeros(shape, dtype=torch.float64, device=device)
     denominator = torch.zeros(shape, dtype=torch.float64, device=device)
     for w, f, theta in zip(weights, fishers, inputs.tensors):
