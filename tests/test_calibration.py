@@ -94,6 +94,9 @@ def test_layerwise_grams_equal_whole_model_hooks(tiny_family, tmp_path):
     assert set(got) == set(want) and len(got) == 4 * 7 + 1  # 7 Linears per layer and the head
     for name in want:
         torch.testing.assert_close(got[name], want[name].float(), rtol=1e-5, atol=1e-4)
+    again = tmp_path / "again.safetensors"
+    gather_grams(LayerwiseModel(input_model(path)), sequences, again, {"kind": "gram"})
+    assert again.read_bytes() == (tmp_path / "g.safetensors").read_bytes()  # the same bytes every time
 
 
 # --- Fisher: layer by layer equals full autograd --------------------------------------------------------------------
