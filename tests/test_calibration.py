@@ -114,9 +114,18 @@ def full_fisher(path: Path, sequences) -> dict[str, torch.Tensor]:
     return total
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_layerwise_fisher_equals_full_autograd(tiny_family, tied_model, tmp_path, tied):
-    path = tied_model if tied else tiny_family.finetunes[1]
+@pytest.fixture(scope="module")
+def qwen2_model(tmp_path_factory):
+    from mergelib.families.tiny import make_model, make_tokenizer
+
+    path = make_model(tmp_path_factory.mktemp("qwen2") / "m", size="tiny", seed=4, arch="qwen2")  # q/k/v biases
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tied,arch", [(False, "llama"), (True, "llama"), (False, "qwen2")])
+def test_layerwise_fisher_equals_full_autograd(tiny_family, tied_model, qwen2_model, tmp_path, tied, arch):
+    path = tied_model if tied else (qwen2_model if arch == "qwen2" else tiny_family.finetunes[1])
     sequences = sequences_for(path, tokens=40, length=16)
     model = LayerwiseModel(input_model(path))
     assert model.tied == tied
