@@ -233,3 +233,29 @@ def test_merge_state_dicts_takes_statistics_and_needs_them():
         merge_state_dicts("regmean", None, [a, b])
     with pytest.raises(RecipeError, match="statistics: linear uses no statistics"):
         merge_state_dicts("linear", None, [a, b], {"weight": 1.0}, statistics=grams)
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher", "regmean_plus_plus"])
+def test_at_most_one_decoder_layer_is_in_memory_at_a_time(tiny_family, tmp_path, monkeypatch, method):
+    from contextlib import contextmanager
+
+    real = LayerwiseModel.loaded
+    live, peak, loads = [0], [0], [0]
+
+    @contextmanager
+    def counting(self, module, *args, **kwargs):
+        layer = any(module is m for m in self.layers)
+        with real(self, module, *args, **kwargs) as out:
+            live[0] += layer
+            loads[0] += layer
+            peak[0] = max(peak[0], live[0])
+            try:
+                yield out
+            finally:
+                live[0] -= layer
+
+    monkeypatch.setattr(LayerwiseModel, "loaded", counting)
+    monkeypatch.setenv("MERGELIB_CACHE", str(tmp_path / "cache"))  # gather afresh
+    mergelib.merge(recipe(method, tiny_family.finetunes, tokens=40, sequence_length=20), tmp_path / "out", quiet=True)
+    assert peak[0] == 1 and loads[0] >= 2 * 4  # every layer of both models, one at a time
+    assert not list((tmp_path / "cache" / "statistics").glob(".*"))  # no temporary left behind

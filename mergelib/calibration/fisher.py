@@ -5,7 +5,7 @@ log p(token_{t+1} | tokens <= t), the labels being the data's own next tokens; t
 sum_s (d l_s / d theta)^2. (The paper's default samples the labels from the model instead; with real text as
 calibration data the empirical form is the common choice for language models.)
 
-How: a forward pass layer by layer keeps each layer's input hidden states; the head gives d l_s / d h at the top;
+How: a forward pass layer by layer stores each layer's input hidden states (on disk, beside the output); the head gives d l_s / d h at the top;
 then, from the last layer down, each layer is materialised again, recomputed from its stored input with autograd,
 and backpropagated with the incoming gradient, giving its parameters' gradients and the gradient for the layer
 below. Per sequence, so the squares are of per-sequence gradients. A tied embedding's gradient is the head's plus
@@ -14,6 +14,7 @@ the lookup's, squared together.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,13 +52,17 @@ def gather_fisher(model: LayerwiseModel, sequences: list[torch.Tensor], path: Pa
     with torch.no_grad():
         hidden = embed_sequences(model, sequences)
     kwargs = [model.layer_kwargs(h) for h in hidden]
-    inputs: list[list[torch.Tensor]] = []  # per layer: its input hidden states, per sequence
-    with torch.no_grad():
-        for index, layer in enumerate(model.layers):
-            inputs.append(hidden)
-            with model.loaded(layer) as live:
-                hidden = [model.run_layer(live, h, kw[index]) for h, kw in zip(hidden, kwargs)]
-    with statistics_file(path, fisher_shapes(model), metadata) as out:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fisher-", dir=path.parent) as spill, \
+            statistics_file(path, fisher_shapes(model), metadata) as out:
+        # each layer's input hidden states go to disk on the way up and come back on the way down, so memory holds
+        # one layer's activations, not every layer's
+        inputs = [Path(spill) / f"layer{index}.pt" for index in range(len(model.layers))]
+        with torch.no_grad():
+            for index, layer in enumerate(model.layers):
+                torch.save(hidden, inputs[index])
+                with model.loaded(layer) as live:
+                    hidden = [model.run_layer(live, h, kw[index]) for h, kw in zip(hidden, kwargs)]
         # the top: final norm and head, and the gradient each sequence sends into the last layer
         with model.loaded(model.base.norm, True) as norm, model.loaded(model.head, not model.tied) as head:
             params = dict(zip(model.tensor_names(norm), norm.parameters()))
@@ -69,10 +74,10 @@ def gather_fisher(model: LayerwiseModel, sequences: list[torch.Tensor], path: Pa
             with model.loaded(model.layers[index], True) as live:
                 params = dict(zip(model.tensor_names(live), live.parameters()))
                 grads, incoming = _per_sequence(
-                    params, inputs[index],
+                    params, torch.load(inputs[index], weights_only=True),
                     lambda h, s, index=index, above=incoming:
                         (model.run_layer(live, h, kwargs[s][index]) * above[s]).sum())
-            inputs[index] = []  # this layer's inputs are no longer needed
+            inputs[index].unlink()
             _write(out, model, grads)
         # the embeddings: the lookup's gradient, plus the head's when they are one matrix
         with model.loaded(model.embed, True) as embed, model.loaded(model.base.norm) as norm:
