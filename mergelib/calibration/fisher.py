@@ -5,11 +5,11 @@ log p(token_{t+1} | tokens <= t), the labels being the data's own next tokens; t
 sum_s (d l_s / d theta)^2. (The paper's default samples the labels from the model instead; with real text as
 calibration data the empirical form is the common choice for language models.)
 
-How: a forward pass layer by layer stores each layer's input hidden states (on disk, beside the output); the head gives d l_s / d h at the top;
-then, from the last layer down, each layer is materialised again, recomputed from its stored input with autograd,
-and backpropagated with the incoming gradient, giving its parameters' gradients and the gradient for the layer
-below. Per sequence, so the squares are of per-sequence gradients. A tied embedding's gradient is the head's plus
-the lookup's, squared together.
+How: a forward pass layer by layer stores each layer's input hidden states (on disk, beside the output); the
+head gives d l_s / d h at the top; then, from the last layer down, each layer is materialised again, recomputed
+from its stored input with autograd, and backpropagated with the incoming gradient, giving its parameters'
+gradients and the gradient for the layer below. Per sequence, so the squares are of per-sequence gradients.
+A tied embedding's gradient is the head's plus the lookup's, squared together.
 """
 
 from __future__ import annotations
