@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mergelib.methods.base import MethodInputs
 from mergelib.methods.fisher import SPECS, FisherModelParams, FisherParams, check_weights, merge
@@ -72,3 +74,16 @@ def test_runs_repeat_bit_for_bit():
 def test_spec():
     (spec,) = SPECS
     assert spec.name == "fisher" and spec.statistics == "fisher" and spec.base == "none"
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4), scale=st.floats(0.1, 10.0))
+def test_model_order_and_weight_scale_do_not_matter_and_the_result_is_between_the_inputs(seed, n, scale):
+    g = torch.Generator().manual_seed(seed)
+    thetas = [torch.randn(3, 5, generator=g) for _ in range(n)]
+    fishers = [torch.rand(3, 5, generator=g) for _ in range(n)]
+    weights = [float(w) + 0.1 for w in torch.rand(n, generator=g)]
+    got = run(thetas, fishers, weights)
+    torch.testing.assert_close(run(thetas[::-1], fishers[::-1], weights[::-1]), got)
+    torch.testing.assert_close(run(thetas, fishers, [w * scale for w in weights]), got)
+    stacked = torch.stack(thetas)  # a convex combination per element
+    assert bool((got >= stacked.min(0).values - 1e-6).all() and (got <= stacked.max(0).values + 1e-6).all())

@@ -4,6 +4,8 @@ hand-derived goldens, and the rules for tensors without usable statistics."""
 from __future__ import annotations
 
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mergelib.methods.base import IgnoredWeight, MethodInputs
 from mergelib.methods.regmean import SPECS, RegMeanParams, merge, reduce_non_diagonal
@@ -109,3 +111,15 @@ def test_specs_say_what_they_need():
     assert all(s.statistics == "gram" and s.base == "none" and not s.rowwise and s.stream is None for s in SPECS)
     assert names["regmean"].statistics_flow == "own" and names["regmean_plus_plus"].statistics_flow == "merged"
     assert "plain average" in names["regmean"].summary
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4), scale=st.floats(0.01, 100.0),
+       alpha=st.floats(0.0, 1.0))
+def test_model_order_and_a_common_gram_scale_do_not_matter(seed, n, scale, alpha):
+    xs, ws = activations(n_models=n, tokens=12, d_in=4, d_out=3, seed=seed)
+    weights = [w.float() for w in ws]
+    grams = [(x.T @ x).float() for x in xs]
+    got = run(weights, grams, alpha)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(run(weights[::-1], grams[::-1], alpha), got, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(weights, [g * scale for g in grams], alpha), got, rtol=1e-4, atol=1e-5)
