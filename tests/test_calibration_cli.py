@@ -46,6 +46,7 @@ def stats_file(path: Path, kind: str, tensors: dict[str, torch.Tensor]) -> Path:
     ("missing_model", ["calibration.statistics: no statistics file for model"]),
     ("wrong_shape", ["model.layers.0.self_attn.q_proj.weight", "is [3, 3]", "[64, 64]"]),
     ("plus_plus_slices", ["slices: regmean_plus_plus"]),
+    ("too_many_tokens", ["calibration.tokens: 1000000 tokens asked"]),
 ])
 def test_recipe_errors_are_one_line_before_any_weight(case, fragments, tiny_family, tmp_path):
     a, b = (str(p) for p in tiny_family.finetunes)
@@ -65,6 +66,7 @@ def test_recipe_errors_are_one_line_before_any_weight(case, fragments, tiny_fami
         "plus_plus_slices": {"merge_method": "regmean_plus_plus", "slices": [{"sources": [
             {"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}]}],
             "calibration": {"data": str(DEMO)}},
+        "too_many_tokens": recipe(tiny_family, calibration={"data": str(DEMO), "tokens": 1_000_000}),
     }
     proc = run("merge", str(write_recipe(tmp_path, cases[case])), str(tmp_path / "out"))
     assert_one_line_error(proc, *fragments)
