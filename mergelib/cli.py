@@ -207,6 +207,9 @@ def cmd_methods() -> int:
         print(f"  {base}; paper: {spec.paper or '-'}")
         print(f"  global: {', '.join(_param_lines(spec.params, dict(spec.ignored))) or '-'}")
         print(f"  per model: {', '.join(_param_lines(spec.model_params, dict(spec.ignored))) or '-'}")
+        if spec.statistics is not None:
+            flow = " through the merged layers below" if spec.statistics_flow == "merged" else ""
+            print(f"  needs calibration: {spec.statistics} statistics{flow} (recipe block `calibration:`)")
         print("  on a GPU: " + ("the same bytes as the CPU" if spec.device_exact else
                                 "within 1e-6 relative of the CPU (reductions run in the device's order)"))
     return 0
@@ -248,6 +251,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    if plan.statistics is not None:
+        reused = sum(plan.statistics.reused.values())
+        print(f"mergelib: note: {plan.statistics.kind} statistics: {reused} of {len(plan.models)} model(s) from the "
+              f"cache or given files, {len(plan.models) - reused} gathered", file=sys.stderr)
     resumed = f" ({result.shards_reused} complete shard(s) reused from an interrupted run)" if result.shards_reused else ""
     print(f"merged {result.n_tensors} tensors ({_human(result.bytes_written)}) into {result.out_dir} "
           f"in {result.seconds:.1f}s, peak RSS {_human(result.peak_rss_bytes)}{resumed}")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import mergelib
 from mergelib.methods import REGISTRY
 
+CALIBRATION = Path(__file__).resolve().parents[1] / "conf" / "calibration" / "demo.jsonl"
 
-def test_the_registry_has_all_twenty_three():
-    assert len(REGISTRY) == 24
+
+def test_the_registry_has_all_twenty_seven():
+    assert len(REGISTRY) == 27
 
 
 def recipe_for(spec, family) -> dict:
@@ -30,6 +34,8 @@ def recipe_for(spec, family) -> dict:
         recipe["base_model"] = str(family.base)
     if spec.base == "input":  # the base joins the inputs and takes its parameters from the top level
         recipe["parameters"].update(per_model)
+    if spec.statistics is not None:  # data-aware methods: a few calibration tokens
+        recipe["calibration"] = {"data": str(CALIBRATION), "tokens": 96, "sequence_length": 32}
     if spec.name == "slerp":  # slerp's two ends are the base and one model
         recipe["models"] = [{"model": str(family.base)}, {"model": str(family.finetunes[0])}]
     return recipe

@@ -189,6 +189,24 @@ class LinesConfig(_Strict):
     beta: float = Field(allow_inf_nan=False)
 
 
+class CalibrationConfig(_Strict):
+    """The `calibration:` block of data-aware methods (regmean, regmean_plus_plus, fisher): either texts to gather
+    statistics from (`data`, a jsonl file with a "text" field per line, and how many tokens to take), or
+    precomputed statistics files per model (`statistics`: model as written in the recipe -> .safetensors)."""
+
+    data: str | None = None
+    tokens: int = Field(default=2048, ge=1)
+    seed: int = 0
+    sequence_length: int = Field(default=256, ge=2)
+    statistics: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        if (self.data is None) == (self.statistics is None):
+            raise ValueError("give exactly one of 'data' (a jsonl of texts) or 'statistics' (precomputed files)")
+        return self
+
+
 class MergeRecipe(_Strict):
     """A mergekit-compatible merge recipe."""
 
@@ -204,6 +222,7 @@ class MergeRecipe(_Strict):
     chat_template: str | None = None
     name: str | None = None
     lines: LinesConfig | None = None  # mergelib's own: LiNeS depth scaling of the merged task vectors
+    calibration: CalibrationConfig | None = None  # mergelib's own: data for methods that need statistics
 
     @field_validator("dtype", "out_dtype", mode="before")
     @classmethod
@@ -223,6 +242,7 @@ class MergeRecipe(_Strict):
         if self.lines is not None and method.base != "required":
             raise ValueError(f"lines: scales merged task vectors, so it needs a task-vector method with a base_model "
                              f"({self.merge_method} has none); use e.g. task_arithmetic, ties or dare_ties")
+        _check_calibration(self, method)
         if self.models is not None:
             seen: dict[str, int] = {}
             for i, entry in enumerate(self.models):
@@ -246,6 +266,30 @@ def _refs_to_strings(value: Any) -> Any:
     if isinstance(value, list):
         return [_refs_to_strings(v) for v in value]
     return value
+
+
+def _check_calibration(recipe: MergeRecipe, method) -> None:
+    """A calibration block exactly when the method needs statistics."""
+    if method.statistics is not None and recipe.calibration is None:
+        raise ValueError(f"calibration: {method.name} needs statistics from data; add e.g. "
+                         "calibration: {data: texts.jsonl, tokens: 2048}")
+    if method.statistics is None and recipe.calibration is not None:
+        raise ValueError(f"calibration: {method.name} uses no statistics; remove the block "
+                         "(it is for regmean, regmean_plus_plus and fisher)")
+    if method.statistics_flow == "merged" and recipe.slices is not None:
+        raise ValueError(f"slices: {method.name} runs the calibration data through the merged layers in order; "
+                         "give 'models:' (all layers) instead")
+    given = (recipe.calibration.statistics or {}) if recipe.calibration is not None else {}
+    if given:
+        listed = [str(e.model) for e in recipe.models or []]
+        listed += [str(s.model) for piece in recipe.slices or [] for s in piece.sources]
+        for key in given:
+            if key not in listed:
+                raise ValueError(
+                    f"calibration.statistics: '{key}' is not a model of the recipe{did_you_mean(key, listed)}")
+        missing = [m for m in dict.fromkeys(listed) if m not in given]
+        if missing:
+            raise ValueError(f"calibration.statistics: no statistics file for model '{missing[0]}'; give one per model")
 
 
 def _field_names(model: type[BaseModel]) -> set[str]:
@@ -307,7 +351,7 @@ def _location(loc: tuple) -> str:
 
 _ALL_KEYS = set().union(
     *(_field_names(m) for m in (MergeRecipe, InputModel, SliceSource, Slice, TokenizerConfig, TokenEmbedding,
-                              ModelTokenSource, ModelRef)),
+                              ModelTokenSource, ModelRef, CalibrationConfig)),
     {"model", "lora", "filter", "value"},
 )
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mergelib.config.recipe import MergeRecipe, load_recipe
@@ -18,7 +18,7 @@ from mergelib.io.hashing import sha256_files
 from mergelib.io.journal import Journal, plan_key
 from mergelib.io.process import peak_rss
 from mergelib.io.writer import write_index
-from mergelib.merging.card import model_card
+from mergelib.merging.card import calibration_record, model_card
 from mergelib.merging.device import Placement, resolve_placement
 from mergelib.merging.engine import default_memory_budget, execute
 from mergelib.merging.faults import failpoint
@@ -160,6 +160,13 @@ def merge(
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     plan = plan_merge(recipe, **plan_kwargs)
     threads = threads or (1 if executor == "ray" else default_threads())
+    if plan.method.statistics is not None and not dry_run:
+        if executor == "ray":
+            raise OutputError(f"executor 'ray': {plan.method.name} needs calibration statistics, which the Ray "
+                              "executor does not carry yet; use the local executor")
+        from mergelib.calibration.prepare import statistics_for
+
+        plan = replace(plan, statistics=statistics_for(plan, seed))
     if dry_run:
         return MergeResult(out_dir, len(plan.jobs), plan.bytes_read, plan.bytes_written, 0.0, 0, {}, seed,
                            plan.recipe.to_yaml(), plan)
@@ -259,6 +266,8 @@ def _write_records(plan: MergePlan, staged: Path, seed: int, hashes: dict[str, s
         "left_out": [{"model": m, "tensor": t, "why": w} for m, t, w in plan.left_out],
         "versions": versions,
     }
+    if plan.statistics is not None:
+        record["calibration"] = calibration_record(plan)
     if _compute_record(plan, placement):  # within 1e-6 of the CPU's bits, not equal to them: say where
         record["computed_on"] = _compute_record(plan, placement)
     (staged / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

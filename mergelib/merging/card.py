@@ -7,6 +7,19 @@ import yaml
 from mergelib.merging.plan import MergePlan
 
 
+def calibration_record(plan: MergePlan) -> dict:
+    """The calibration settings and, per input model, the statistics used (cache key or file sha256)."""
+    calibration = plan.recipe.calibration.model_dump(mode="json", exclude_none=True)
+    store = plan.statistics
+    return {
+        **calibration,
+        "kind": store.kind,
+        "flow": plan.method.statistics_flow,
+        "statistics": {m.label: {"file": store.files[i].name, "digest": store.digests.get(i, "")}
+                       for i, m in enumerate(plan.models)},
+    }
+
+
 def model_card(plan: MergePlan, *, seed: int, input_hashes: dict[str, dict[str, str]], versions: dict[str, str]) -> str:
     """Markdown with YAML front matter (base_model, tags) that the Hub renders."""
     method = plan.method
@@ -42,6 +55,12 @@ def model_card(plan: MergePlan, *, seed: int, input_hashes: dict[str, dict[str, 
         lines += ["", "Inputs whose vocabulary differed from the donor's were given its tokenizer before merging "
                   "(`tokenizer.transplant`):", ""]
         lines += [f"- {note}" for note in plan.transplanted]
+    if plan.statistics is not None:
+        record = calibration_record(plan)
+        lines += ["", f"Statistics ({record['kind']}) from calibration: "
+                  + ", ".join(f"{k} {v}" for k, v in record.items() if k in ("data", "tokens", "seed",
+                                                                            "sequence_length")), ""]
+        lines += [f"- {label}: `{entry['digest']}`" for label, entry in record["statistics"].items()]
     lines += [
         "",
         "## Recipe",

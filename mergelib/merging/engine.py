@@ -140,12 +140,21 @@ def _merge_whole(plan: MergePlan, job: TensorJob, seed: int, sources, base) -> t
         model_params=job.model_params,
         name=job.name,
         generator=generator_for(seed, job.name) if plan.method.randomized else None,
+        statistics=_statistics(plan, job, sources[0].device) if plan.method.statistics else None,
     )
     try:
         result = plan.method.merge(inputs, job.params)
     except ValueError as exc:
         raise InputModelError(f"{plan.method.name} failed at tensor '{job.name}': {exc}") from None
     return result
+
+
+def _statistics(plan: MergePlan, job: TensorJob, device) -> tuple[torch.Tensor | None, ...]:
+    """Each input model's statistic for this tensor (see MethodSpec.statistics), on the tensors' device."""
+    if plan.statistics is None:
+        raise MergelibError(f"{plan.method.name} needs calibration statistics and the plan has none")
+    found = (plan.statistics.get(s.model, s.name) for s in job.sources)
+    return tuple(t.to(device) if t is not None else None for t in found)
 
 
 def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placement = CPU,

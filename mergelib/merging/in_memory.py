@@ -33,14 +33,21 @@ def merge_state_dicts(
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge `models` (and `base`, in the role the method gives it) tensor by tensor into a new state dict.
 
     `parameters` are the recipe's top-level parameters (global ones, and per-model ones applying to every model);
     `model_parameters[i]` are model i's own (mergekit's `models[i].parameters`). Every tensor of the first input
     must be in every input with the same shape. Output tensors take `dtype`, else the lead input's dtype (the base
-    when the method uses one). Raises a one-line MergelibError for anything wrong, before any math."""
+    when the method uses one). Data-aware methods (regmean, fisher) take `statistics[i]`: model i's statistic per
+    tensor name (the format of `mergelib.calibration.store`). Raises a one-line MergelibError for anything wrong,
+    before any math."""
     spec = get_method(method)
+    if spec.statistics is not None and (statistics is None or len(statistics) != len(models)):
+        raise RecipeError(f"statistics: {spec.name} needs one mapping of {spec.statistics} statistics per model")
+    if spec.statistics is None and statistics is not None:
+        raise RecipeError(f"statistics: {spec.name} uses no statistics; leave them out")
     parameters = dict(parameters or {})
     per_model = [dict(p) for p in (model_parameters or [{} for _ in models])]
     if len(per_model) != len(models):
@@ -85,6 +92,8 @@ def merge_state_dicts(
                 model_params=model_params,
                 name=name,
                 generator=generator_for(seed, name) if spec.randomized else None,
+                statistics=(tuple(None if st.get(name) is None else _float32(st[name], name) for st in statistics)
+                            if statistics is not None else None),
             ),
             params,
         )

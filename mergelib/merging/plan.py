@@ -134,6 +134,9 @@ class MergePlan:
     ignored_params: dict[str, str] = field(default_factory=dict)  # set in the recipe, unused by the method: why
     left_out: tuple[tuple[str, str, str], ...] = ()  # (model, tensor, why) for every input tensor not merged
     transplanted: tuple[str, ...] = ()  # one line per input given the donor's tokenizer (tokenizer.transplant)
+    # data-aware methods: where each input model's statistics are (mergelib.calibration.store), set by
+    # `mergelib.calibration.prepare.statistics_for` after planning, before the engine runs
+    statistics: object | None = None
 
     def dequantised_notes(self) -> list[str]:
         """One line per quantised input model: what was dequantised on read."""

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mergelib.arch import ArchSpec, WeightSpec
+from mergelib.calibration.prepare import check_calibration
 from mergelib.config.recipe import MergeRecipe, ignored_parameters
 from mergelib.io.writer import TensorSlot, pack_shards
 from mergelib.merging.plan import InputModel, MergePlan, TensorJob
@@ -61,6 +62,7 @@ def build_plan(
     if align:
         config["vocab_size"] = tokenizer.vocab_size
     jobs = lines_scaled(planner.jobs, spec, len(layer_origin), recipe.lines) if recipe.lines else planner.jobs
+    check_calibration(recipe, method, models, jobs)  # data-aware methods: the data or statistics files, headers only
     shards = pack_shards([TensorSlot(j.name, j.shape, j.dtype) for j in jobs], out_shard_size)
     return MergePlan(
         recipe, method, tuple(models), tuple(jobs), shards, config, planner.working, reference, tuple(notes),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mergelib.errors import RecipeError, did_you_mean
 from mergelib.methods import (
     arcee_fusion,
+    fisher,
     gta,
     karcher,
     linear,
@@ -14,6 +15,7 @@ from mergelib.methods import (
     nuslerp,
     passthrough,
     ram,
+    regmean,
     sce,
     slerp,
     spectral,
@@ -36,6 +38,8 @@ METHOD_MODULES = (
     ram,
     spectral,
     wudi,
+    regmean,
+    fisher,
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for module in METHOD_MODULES for spec in module.SPECS}

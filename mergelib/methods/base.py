@@ -52,6 +52,9 @@ class MethodInputs:
     model_params: tuple[Params, ...]  # per-model parameters, aligned with `tensors`
     name: str  # output tensor name (for messages; randomness is already in `generator`)
     generator: torch.Generator | None = None  # set only for methods with randomized=True
+    # Per input model (aligned with `tensors`): its statistic for this tensor (see `MethodSpec.statistics`), or
+    # None where the model has none for it (embeddings, norms); None altogether for methods that use none.
+    statistics: tuple[torch.Tensor | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ class MethodSpec:
     # Whether the torch kernels (GPU, `--device cuda`) give the same bytes as the CPU: elementwise float32 in a
     # fixed order. Methods with reductions (norms, dot products, SVDs) agree within 1e-6 relative instead.
     device_exact: bool = False
+    # Data-aware methods: the statistic each input model contributes per weight (mergelib.calibration.store):
+    #   gram:   float32 [in, in], the sum of x x^T over the calibration tokens of the Linear's input x
+    #   fisher: float32 of the weight's shape, the sum over calibration sequences of squared gradients
+    # The engine merges such tensors whole and hands the statistics in `MethodInputs.statistics`.
+    statistics: Literal["gram", "fisher"] | None = None
+    # Where the calibration activations come from: each model's own layers ("own", RegMean), or the merged layers
+    # below the one measured ("merged", RegMean++).
+    statistics_flow: Literal["own", "merged"] = "own"
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised
