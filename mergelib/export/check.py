@@ -1,6 +1,7 @@
 """Read an export back with an independent reader and compare it with its source on fixed prompts.
 
-GGUF files are loaded by transformers' GGUF reader (`from_pretrained(dir, gguf_file=...)`), safetensors exports
+GGUF files are loaded by llama.cpp (mergelib.export.llamacpp, the `llamacpp` extra) where it is installed, else by
+transformers' GGUF reader (`from_pretrained(dir, gguf_file=...)`; K-quants always need llama.cpp), safetensors exports
 (int8 included, via transformers' compressed-tensors integration) by plain `from_pretrained`. Both models see
 the same input ids (the source tokenizer's); the export's own tokenizer must produce the same ids. Per position,
 KL(source || export) of the next-token distributions and whether the argmax agrees; thresholds per format decide
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from mergelib.export import llamacpp
 from mergelib.export.artifact import ExportArtifact
-from mergelib.export.errors import ExportCheckError
+from mergelib.export.errors import ExportCheckError, ExportError
 
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -30,12 +32,17 @@ DEFAULT_PROMPTS = (
     "Paris est la capitale de la France, et Berlin celle de l'Allemagne.",
     "1, 2, 3, 5, 8, 13, 21, 34, 55, 89",
 )
-# max_kl: mean KL(source || export) must stay below it; min_top1: argmax agreement must reach it.
+# max_kl: mean KL(source || export) must stay below it; min_top1: argmax agreement must reach it (positions with a
+# clear winner). GGUF limits hold for llama.cpp, which also rounds activations (f16, q8 dot products), and for
+# transformers' reader; the K-quant limits were set from measured values with a margin (README, Export).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "gguf-f16": {"min_top1": 1.0},
     "gguf-bf16": {"max_kl": 0.01},
     "gguf-q8_0": {"max_kl": 0.01},
     "gguf-q4_0": {},  # recorded, not enforced: 4-bit error depends on the model
+    "gguf-q6_k": {"max_kl": 0.02, "min_top1": 0.95},
+    "gguf-q5_k_m": {"max_kl": 0.05, "min_top1": 0.9},
+    "gguf-q4_k_m": {"max_kl": 0.1, "min_top1": 0.85},
     "safetensors-float32": {"min_top1": 1.0},
     "safetensors-float16": {"min_top1": 1.0},
     "safetensors-bfloat16": {"max_kl": 0.01},
@@ -213,15 +220,26 @@ def verify_export(source: str | Path | SourceRun, artifact: ExportArtifact, *,
         source = run_source(source, prompts, tokenizer_dir, quiet)
     limits = dict(DEFAULT_THRESHOLDS.get(artifact.name, {}) if thresholds is None else thresholds)
     notes = list(artifact.notes)
+    reader = "llama.cpp" if artifact.kind == "gguf" and llamacpp.available() else "transformers"
     try:
-        with _quiet(quiet):
-            model, export_tokenizer = load_export(artifact, source.config, notes)
-            candidate = _logits(model, source.prompt_ids)
-            del model
-            export_ids = [export_tokenizer(p)["input_ids"] for p in source.prompts]
+        if reader == "llama.cpp":
+            with llamacpp.open_gguf(artifact.path) as model:
+                candidate = llamacpp.logits(model, source.prompt_ids)
+                export_ids = [llamacpp.tokenize(model, p) for p in source.prompts]
+        else:
+            if artifact.kind == "gguf":
+                notes.append("read back by transformers: llama.cpp is not installed (pip install 'mergelib[llamacpp]')")
+            with _quiet(quiet):
+                model, export_tokenizer = load_export(artifact, source.config, notes)
+                candidate = _logits(model, source.prompt_ids)
+                del model
+                export_ids = [export_tokenizer(p)["input_ids"] for p in source.prompts]
     except ExportCheckError as exc:  # its config reads back wrong
         metrics: dict = {"tokens_match": False}
         missed = [f"{artifact.name}: {exc}"]
+    except ExportError as exc:  # llama.cpp cannot load it
+        metrics = {"tokens_match": False}
+        missed = [f"{artifact.name} does not load back ({exc})"]
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
         # the export does not even load: that is the check failing, reported like any other miss
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -233,7 +251,8 @@ def verify_export(source: str | Path | SourceRun, artifact: ExportArtifact, *,
         mismatch = _token_mismatch(artifact.name, source.prompt_ids, export_ids)
         metrics["tokens_match"] = mismatch is None
         missed = failures(artifact.name, metrics, limits) + ([mismatch] if mismatch else [])
-    metrics.update(passed=not missed, thresholds=limits, tie_margin=tie_margin, bytes=artifact.bytes, notes=notes)
+    metrics.update(passed=not missed, thresholds=limits, tie_margin=tie_margin, bytes=artifact.bytes, notes=notes,
+                   reader=reader)
     if missed:
         metrics["failures"] = missed
         if raise_on_fail:
