@@ -44,8 +44,11 @@ class ExportResult:
     def metrics(self) -> dict:
         """The DVC metric: per export, numbers and booleans only."""
         out = {name: {k: check[k] for k in METRIC_KEYS if k in check} for name, check in self.checks.items()}
-        for name, scores in (self.answers or {}).items():
+        answers = dict(self.answers or {})
+        source = answers.pop("source", {})
+        for name, scores in answers.items():  # each GGUF's answers in llama.cpp, next to the merge's own
             out.setdefault(name, {}).update({f"exact_match.{task}": v for task, v in scores.items()})
+            out[name].update({f"source_exact_match.{task}": v for task, v in source.items()})
         return out
 
 

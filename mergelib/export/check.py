@@ -178,6 +178,7 @@ def load_export(artifact: ExportArtifact, source_config, notes: list[str]):
 
 def _token_mismatch(name: str, want: Sequence[list[int]], got: Sequence[list[int]]) -> str | None:
     for k, (a, b) in enumerate(zip(want, got, strict=True)):
+        b = b[: len(a)]  # the source's ids may be cut to its context length
         if a != b:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             return (f"{name} tokenizer encodes prompt {k} differently from the source "
@@ -201,11 +202,14 @@ def run_source(source_dir: str | Path, prompts: Sequence[str] = DEFAULT_PROMPTS,
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     with _quiet(quiet):
+        config = AutoConfig.from_pretrained(str(source_dir))
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or source_dir))
-        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+        # cut to the model's context: beyond it no reader is expected to agree (llama.cpp refuses longer input)
+        limit = getattr(config, "max_position_embeddings", None) or None
+        prompt_ids = [tokenizer(p)["input_ids"][:limit] for p in prompts]
         model = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32).eval()
         logits = _logits(model, prompt_ids)
-    return SourceRun(tuple(prompts), prompt_ids, logits, AutoConfig.from_pretrained(str(source_dir)))
+    return SourceRun(tuple(prompts), prompt_ids, logits, config)
 
 
 def verify_export(source: str | Path | SourceRun, artifact: ExportArtifact, *,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,8 +22,8 @@ from mergelib.export.errors import ExportError
 
 # GGUF type name -> llama_ftype (llama.h); the K-quant "_M" mixes keep some tensors at higher precision
 K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-FALLBACK = re.compile(r"using fallback quantization (\w+)")
-N_CTX = 512  # prompts of the checks are far shorter; n_ctx bounds the logits buffer (n_ctx x vocab floats)
+FALLBACK = re.compile(r"not divisible by \d+ \(required for type +\w+\) -> falling back to +(\w+)")
+N_CTX = 512  # at most (and at most the model's own): n_ctx bounds the logits buffer (n_ctx x vocab floats)
 
 
 def require(what: str):
@@ -47,19 +45,22 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator[list[str]]:
-    """Collect what C code writes to file descriptor 2 (llama.cpp logs there) into the yielded list."""
+def _collected_log(llama_cpp) -> Iterator[list[str]]:
+    """Route llama.cpp's log lines into the yielded list (not the terminal) for the block, then give the log back
+    to llama-cpp-python's own handler."""
     lines: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines += sink.read().decode("utf-8", "replace").splitlines()
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):  # noqa: ANN001 - a C callback
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def quantize(f16_file: str | Path, out_file: str | Path, gguf_type: str, threads: int = 1) -> tuple[str, ...]:
@@ -71,13 +72,13 @@ def quantize(f16_file: str | Path, out_file: str | Path, gguf_type: str, threads
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[gguf_type]
     params.nthread = threads
-    with _captured_stderr() as log:
+    with _collected_log(llama_cpp) as log:
         rc = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(), ctypes.byref(params))
     if rc != 0:
-        tail = " | ".join(line.strip() for line in log[-3:])
+        tail = " | ".join(line.strip() for line in "".join(log).splitlines()[-3:])
         raise ExportError(f"{out_file}: llama.cpp could not quantize to {gguf_type} (rc {rc}: {tail[:300]})")
     fallbacks: dict[str, int] = {}
-    for line in log:
+    for line in "".join(log).splitlines():
         if match := FALLBACK.search(line):
             fallbacks[match[1]] = fallbacks.get(match[1], 0) + 1
     return tuple(f"{n} tensor(s) stored as {kind}: rows not a multiple of 256 (llama.cpp's K-quant fallback)"
@@ -97,23 +98,37 @@ def open_gguf(path: str | Path, threads: int = 1) -> Iterator:
         params.use_extra_bufts = False
         return params
 
+    n_ctx = min(N_CTX, _context_length(path))
     low.llama_model_default_params = params_without_repack
     try:
-        with _captured_stderr() as log:
+        with _collected_log(llama_cpp) as log:
             try:
-                model = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True,
+                model = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
                                         n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
             except ValueError as exc:
                 model = exc
     finally:
         low.llama_model_default_params = original
     if isinstance(model, ValueError):
-        detail = next((ln.strip() for ln in reversed(log) if "error" in ln.lower()), str(model))
+        lines = "".join(log).splitlines()
+        detail = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower()), str(model))
         raise ExportError(f"{Path(path).name}: llama.cpp cannot load it ({detail[:300]})")
     try:
         yield model
     finally:
         model.close()
+
+
+def _context_length(path: str | Path) -> int:
+    """The file's `<arch>.context_length` (N_CTX when it cannot be read: llama.cpp will say what is wrong)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.get_field("general.architecture").contents()
+        return int(reader.get_field(f"{arch}.context_length").contents())
+    except (OSError, ValueError, AttributeError, KeyError):
+        return N_CTX
 
 
 def tokenize(model, text: str) -> list[int]:
@@ -125,8 +140,9 @@ def logits(model, prompt_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Next-token logits at every position of each prompt: [positions, vocab] float32 per prompt."""
     out = []
     for ids in prompt_ids:
-        if len(ids) > N_CTX:
-            raise ExportError(f"a check prompt has {len(ids)} tokens; llama.cpp is opened with n_ctx {N_CTX}")
+        room = min(model.n_ctx(), len(model.input_ids))  # llama.cpp may round n_ctx up; the binding's buffers not
+        if len(ids) > room:
+            raise ExportError(f"a check prompt has {len(ids)} tokens; llama.cpp is opened with n_ctx {room}")
         model.reset()
         model.eval(list(ids))
         out.append(torch.from_numpy(np.array(model.scores[: len(ids)], dtype=np.float32)))
