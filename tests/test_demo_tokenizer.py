@@ -3,6 +3,7 @@ trips, and the GGUF vocabulary written from it is what llama.cpp expects (gpt2 m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -94,3 +95,15 @@ def test_transformers_reads_the_gguf_tokenizer_back_identically(tmp_path, text):
     make_tokenizer().save_pretrained(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert hf(text)["input_ids"] == [BOS, *encode(text)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed: pip install 'mergelib[llamacpp]'")
+def test_llamacpp_tokenizes_demo_text_like_the_source(tmp_path):
+    from mergelib.export import export_all
+    from mergelib.families.demo import new_model, save_model
+
+    model_dir = save_model(new_model(0), tmp_path / "model")
+    prompts = ["23+45=", "abcd>", "dbca  ", "xyz|abc", "12 34 ", "hello world\n"]
+    check = export_all(model_dir, tmp_path / "out", gguf=("f16",), prompts=prompts).checks["gguf-f16"]
+    assert check["reader"] == "llama.cpp" and check["tokens_match"] and check["passed"], check

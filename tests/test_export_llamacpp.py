@@ -52,12 +52,18 @@ def kquant_export(tiny_family, tmp_path_factory):
                       tasks={"probe": [("abc", "x"), ("hello", "y")]})
 
 
+@pytest.fixture(scope="module")
+def f16_export(tiny_family, tmp_path_factory):
+    return export_all(tiny_family.base, tmp_path_factory.mktemp("f16") / "out", gguf=("f16",), name="tiny")
+
+
+@pytest.mark.slow
 @needs_llamacpp
 def test_llamacpp_reads_every_gguf_within_its_threshold(kquant_export):
     checks = kquant_export.checks
     assert all(c["reader"] == "llama.cpp" and c["passed"] and c["tokens_match"] for c in checks.values()), checks
     assert checks["gguf-f16"]["top1_clear"] == 1.0 and checks["gguf-f16"]["kl_mean"] < 1e-3
-    assert checks["gguf-q6_k"]["thresholds"] == {"max_kl": 0.02, "min_top1": 0.95}
+    assert checks["gguf-q6_k"]["thresholds"] == {"max_kl": 0.1, "min_top1": 0.85}
     for name in ("gguf-q4_k_m", "gguf-q5_k_m", "gguf-q6_k"):
         reader = gguf.GGUFReader(str(kquant_export.artifacts[name].path))
         assert reader.get_field("general.file_type").contents() == K_QUANTS[name.removeprefix("gguf-")]
@@ -70,26 +76,27 @@ def test_llamacpp_reads_every_gguf_within_its_threshold(kquant_export):
 
 
 @needs_llamacpp
-def test_f16_greedy_answers_in_llamacpp_match_transformers(tiny_family, kquant_export):
+def test_f16_greedy_answers_in_llamacpp_match_transformers(tiny_family, f16_export):
     from mergelib.export import llamacpp
     from mergelib.export.answers import source_answers
 
     prompts = ["The quick brown", "abc|", "12+34=", "hello world"]
     want = source_answers(tiny_family.base, None, {"p": prompts}, max_new_tokens=6)["p"]
-    with llamacpp.open_gguf(kquant_export.artifacts["gguf-f16"].path) as model:
+    assert f16_export.checks["gguf-f16"]["reader"] == "llama.cpp" and f16_export.checks["gguf-f16"]["passed"]
+    with llamacpp.open_gguf(f16_export.artifacts["gguf-f16"].path) as model:
         got = llamacpp.greedy_answers(model, prompts, max_new_tokens=6)
     assert got == want
 
 
 @needs_llamacpp
-def test_a_file_llamacpp_cannot_load_fails_the_check(tiny_family, kquant_export, tmp_path):
+def test_a_file_llamacpp_cannot_load_fails_the_check(tiny_family, f16_export, tmp_path):
     from dataclasses import replace
 
     from mergelib.export.check import verify_export
 
     bad = tmp_path / "bad.gguf"
-    data = kquant_export.artifacts["gguf-f16"].path.read_bytes()
+    data = f16_export.artifacts["gguf-f16"].path.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # truncated: tensor data missing
-    artifact = replace(kquant_export.artifacts["gguf-f16"], path=bad)
+    artifact = replace(f16_export.artifacts["gguf-f16"], path=bad)
     check = verify_export(tiny_family.base, artifact, raise_on_fail=False)
     assert check["passed"] is False and "does not load back" in check["failures"][0]

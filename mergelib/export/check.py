@@ -34,15 +34,17 @@ DEFAULT_PROMPTS = (
 )
 # max_kl: mean KL(source || export) must stay below it; min_top1: argmax agreement must reach it (positions with a
 # clear winner). GGUF limits hold for llama.cpp, which also rounds activations (f16, q8 dot products), and for
-# transformers' reader; the K-quant limits were set from measured values with a margin (README, Export).
+# transformers' reader. They are set about 2-3x (KL) and 0.1 (top-1) past the worst file measured in llama.cpp on the
+# tiny, demo and SmolLM2-135M models (README, "GGUF for llama.cpp"): they catch a broken file, and the report gives
+# the numbers for judging quality (SmolLM2 q8_0: KL 0.009; q6_k: 0.030, top-1 0.93; q4_k_m: 0.091, top-1 0.79).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "gguf-f16": {"min_top1": 1.0},
     "gguf-bf16": {"max_kl": 0.01},
-    "gguf-q8_0": {"max_kl": 0.01},
+    "gguf-q8_0": {"max_kl": 0.03},
     "gguf-q4_0": {},  # recorded, not enforced: 4-bit error depends on the model
-    "gguf-q6_k": {"max_kl": 0.02, "min_top1": 0.95},
-    "gguf-q5_k_m": {"max_kl": 0.05, "min_top1": 0.9},
-    "gguf-q4_k_m": {"max_kl": 0.1, "min_top1": 0.85},
+    "gguf-q6_k": {"max_kl": 0.1, "min_top1": 0.85},
+    "gguf-q5_k_m": {"max_kl": 0.25, "min_top1": 0.75},
+    "gguf-q4_k_m": {"max_kl": 0.25, "min_top1": 0.7},
     "safetensors-float32": {"min_top1": 1.0},
     "safetensors-float16": {"min_top1": 1.0},
     "safetensors-bfloat16": {"max_kl": 0.01},
