@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-slow install bench bench-search clean lock readme-figures
+.PHONY: demo test test-slow install install-llamacpp bench bench-search clean lock readme-figures
 
 install: $(STAMP)
 
@@ -20,7 +21,16 @@ $(STAMP): pyproject.toml constraints.txt requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# Re-resolve requirements.lock after changing pyproject.toml or constraints.txt (pip-tools in its own venv).
+# The llamacpp extra (llama.cpp compiled from llama-cpp-python's sdist, about 20 CPU-minutes, once): K-quant GGUF
+# exports and the llama.cpp check of every GGUF. `make demo` needs it; `make test` does not (those tests skip).
+install-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP) requirements-llamacpp.lock
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements-llamacpp.lock
+	touch $(LLAMACPP_STAMP)
+
+# Re-resolve requirements.lock, and requirements-llamacpp.lock on top of it, after changing pyproject.toml or
+# constraints.txt (pip-tools in its own venv).
 lock:
 	test -x .lockenv/bin/pip-compile || { $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q pip-tools==7.6.2; }
 	PATH="$(CURDIR)/.lockenv/bin:$$PATH" .lockenv/bin/python tools/lock.py
@@ -30,7 +40,7 @@ lock:
 # produced and every task's score for the base, the fine-tunes and the merge. Stage commands find `python` on PATH:
 # the venv's. Other configurations: `dvc exp run -S method=ties -S density=0.5`, or edit conf/ and run
 # `python -m mergelib.config.compose` before `make demo`.
-demo: $(STAMP)
+demo: $(STAMP) $(LLAMACPP_STAMP)
 	@test -d .git || git init -q
 	@test -f .dvc/config || { $(BIN)/dvc init -q && $(BIN)/dvc config hydra.enabled true; }
 	@start=$$(date +%s); export PATH="$(CURDIR)/$(BIN):$$PATH"; \
@@ -39,7 +49,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)

@@ -12,7 +12,8 @@ def run(config, tracker) -> str:
     ex, reports = config.export, config.paths.reports
     try:
         checks = export_model(config.paths.merged, config.paths.tokenizer, config.paths.export, ex,
-                              f"{reports}/export.json", name=f"{config.models.name}-{config.method}")
+                              f"{reports}/export.json", name=f"{config.models.name}-{config.method}",
+                              models_dir=config.paths.models)
     finally:
         tracker.log_artifact(f"{reports}/export.json", "export")
     tracker.log_metrics({f"export.{name}.{k}": float(v) for name, check in checks.items()

@@ -42,8 +42,10 @@ def rows(config) -> list[tuple[str, str, str]]:
     used = " ".join(f"{k}={v}" for k, v in knobs.items() if k in config.recipe().get("parameters", {}))
     accuracy = ", ".join(f"{t} {m['exact_match']:.3f}" for t, m in sorted(doc.get("merged", {}).items())
                          if "exact_match" in m)
-    checks = ", ".join(f"{n} {'passed' if c.get('passed') else 'FAILED'} (top-1 {c.get('top1', float('nan')):.3f})"
-                       for n, c in sorted(exports.items())) or "nothing exported"
+    checks = ", ".join(f"{n} {'passed' if c.get('passed') else 'FAILED'} (top-1 {c.get('top1', float('nan')):.3f}"
+                       + "".join(f", {k.split('.', 1)[1]} {v:.3f}" for k, v in sorted(c.items())
+                                 if k.startswith("exact_match."))
+                       + ")" for n, c in sorted(exports.items())) or "nothing exported"
     return [
         ("fetch", p.lock, f"{len(lock)} models locked: {pins}"),
         ("merge", p.merged, f"{config.method} {used}: {merged.get('tensors', '?')} tensors, {_mb(p.merged)}, "

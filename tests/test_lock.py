@@ -42,3 +42,17 @@ def test_the_check_fails_when_a_pin_breaks_a_range(monkeypatch):
     changed = [d if not d.startswith("numba") else "numba>=99" for d in declared]
     monkeypatch.setattr(lock_tool, "declared", lambda: changed)
     assert any(p.startswith("numba==") and "breaks the declared '>=99'" in p for p in lock_tool.problems(TEXT))
+
+
+def test_the_llamacpp_extra_has_its_own_hashed_lock_on_top_of_the_main_one(monkeypatch):
+    text = (REPO / "requirements-llamacpp.lock").read_text()
+    assert lock_tool.extra_problems("llamacpp", text) == []
+    pins = lock_tool.pins(text)
+    assert pins["llama-cpp-python"] == "0.3.36"
+    main = lock_tool.pins(TEXT)
+    assert all(main[name] == version for name, version in pins.items() if name in main)  # shared pins agree
+    assert "llama-cpp-python" not in main  # `make test` never compiles llama.cpp
+    blocks = [b for b in text.split("\n") if "==" in b and not b.startswith("#")]
+    assert all(b.rstrip().endswith("\\") for b in blocks)
+    monkeypatch.setattr(lock_tool, "extra_declared", lambda extra: ["llama-cpp-python==0.3.37"])
+    assert any("not locked as declared" in p for p in lock_tool.extra_problems("llamacpp", text))

@@ -20,6 +20,7 @@ FIGURES = REPO / "docs" / "figures"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
 LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "lm_eval", "optuna", "ray")
 TASKS = {"demo_add": "add", "demo_rev": "rev", "demo_ppl": "bits/byte"}
+EXPORT_KEYS = ("kl_mean", "kl_max", "top1", "top1_clear", "bytes", "passed")
 
 
 def _headline(metrics: dict) -> float | None:
@@ -33,7 +34,17 @@ def record_demo() -> dict:
     rows = [[label, {t: _headline(m) for t, m in tasks.items()}] for label, tasks in document["parents"].items()]
     rows.append(["merged", {t: _headline(m) for t, m in document["merged"].items()}])
     merge = json.loads((REPO / "outputs" / "merged" / "mergelib_run.json").read_text())["recipe"]
-    return {"rows": rows, "merge": {"method": merge["merge_method"], "parameters": merge.get("parameters", {})}}
+    out = {"rows": rows, "merge": {"method": merge["merge_method"], "parameters": merge.get("parameters", {})}}
+    export = REPO / "reports" / "export.json"
+    if export.is_file():  # each GGUF in llama.cpp: KL / top-1 against the merge, held-out exact match
+        out["export"] = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in check.items()
+                                if k in EXPORT_KEYS or k.startswith("exact_match.")}
+                         for name, check in json.loads(export.read_text())["export"].items()}
+        source = next((c for c in json.loads(export.read_text())["export"].values()
+                       if any(k.startswith("source_exact_match.") for k in c)), {})
+        out["export"]["merge (transformers)"] = {k.removeprefix("source_"): v for k, v in source.items()
+                                                 if k.startswith("source_exact_match.")}
+    return out
 
 
 def record_sweep() -> dict:
@@ -125,12 +136,32 @@ def _table(rows: list[list], bold: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _export_table(checks: dict) -> str:
+    """The export stage's GGUF files: read by llama.cpp, against the merge in transformers, and their answers."""
+    lines = ["The export stage's files, loaded by llama.cpp and compared with the merge in transformers on fixed "
+             "prompts (KL(merge ‖ file) per position, top-1 agreement where the merge has a clear winner), then "
+             "answering the same held-out prompts greedily in llama.cpp (last row: the merge itself, greedy in "
+             "transformers).", "",
+             "| file | MB | KL mean | KL max | top-1 | add | rev |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in checks.items():
+        if not name.startswith(("gguf-", "merge ")):
+            continue
+        size = f"{c['bytes'] / 1e6:.2f}" if "bytes" in c else "-"
+        kl = [f"{c[k]:.4f}" if k in c else "-" for k in ("kl_mean", "kl_max")]
+        top1 = f"{c['top1_clear']:.3f}" if "top1_clear" in c else "-"
+        em = [f"{c[f'exact_match.{t}']:.3f}" if f"exact_match.{t}" in c else "-" for t in ("add", "rev")]
+        lines.append(f"| {name} | {size} | {kl[0]} | {kl[1]} | {top1} | {em[0]} | {em[1]} |")
+    return "\n".join(lines)
+
+
 def render(name: str, data: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in data["libraries"].items())
     if name == "demo":
         params = " ".join(f"{k}={v}" for k, v in sorted(data["merge"]["parameters"].items()))
         text = (f"Default merge: {data['merge']['method']} {params}; exact match on 200 held-out prompts per skill, "
                 "bits per byte on held-out text (lower is better).\n\n" + _table(data["rows"], bold="merged"))
+        if data.get("export"):
+            text += "\n\n" + _export_table(data["export"])
     elif name in ("sweep", "smollm2"):
         text = _table(data["rows"])
     elif name == "bench_ray":

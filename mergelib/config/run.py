@@ -88,7 +88,7 @@ class ExportConfig(_Frozen):
 
     format: str  # the conf/export/ option, for reports
     safetensors: tuple[DType, ...] = ()
-    gguf: tuple[Literal["f16", "bf16", "q8_0", "q4_0"], ...] = ()
+    gguf: tuple[Literal["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"], ...] = ()  # K-quants: llamacpp extra
     int8: bool = False
     verify: bool = True
     shard_size: int = Field(gt=0)

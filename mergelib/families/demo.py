@@ -2,7 +2,8 @@
 
 Plain torch on CPU, deterministic for a seed (one thread, seeded init and data). The recipe (latent skills in the
 base, 30% replay in the fine-tunes) is the one measured to keep both skills under task arithmetic / TIES merges;
-see shared/reference/demo-family-notes.md. Models are written in Hugging Face layout with a character tokenizer.
+see shared/reference/demo-family-notes.md. Models are written in Hugging Face layout with the family's byte-level
+BPE tokenizer (mergelib.families.demo_tokenizer), so they export to GGUF for llama.cpp.
 """
 
 from __future__ import annotations
@@ -13,28 +14,26 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergelib.errors import InputModelError
-from mergelib.families.demo_data import CHARS, SKILLS, Example, Streams, heldout, skill, write_eval_data
+from mergelib.families.demo_data import SKILLS, Example, Streams, heldout, skill, write_eval_data
+from mergelib.families.demo_tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, demo_tokenizer, vocab_size
 from mergelib.families.tiny import Family
 from mergelib.merging.versions import TRAINING_LIBRARIES, package_versions
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-PAD, BOS, EOS, UNK = range(4)
-VOCAB = (*SPECIAL_TOKENS, *CHARS)
-TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
 MAX_POSITIONS = 64
 IGNORE = -100  # label of a position the loss skips
 FAMILY_FILE = "family.json"
-FAMILY_VERSION = 1  # bump when the bytes a (seed, quick) pair produces change
+FAMILY_VERSION = 2  # bump when the bytes a (seed, quick) pair produce change (2: byte-level BPE tokenizer)
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,9 @@ QUICK = Schedule(base_steps=30, finetune_steps={"add": 15, "rev": 15, "sort": 15
 
 
 def make_config() -> LlamaConfig:
-    """The demo architecture: 2 layers, hidden 128, 4 heads, about 340k parameters."""
+    """The demo architecture: 2 layers, hidden 128, 4 heads, 395k parameters (261-token vocabulary)."""
     config = LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, dtype=torch.float32,
     )
@@ -65,24 +64,27 @@ def make_config() -> LlamaConfig:
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character of `CHARS` plus 4 specials; prepends `<s>` like Llama's tokenizer."""
-    core = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token=SPECIAL_TOKENS[UNK]))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # every character its own token
-    core.decoder = decoders.Fuse()  # concatenate, no spaces between tokens
-    bos = SPECIAL_TOKENS[BOS]
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, BOS)]
-    )
-    core.add_special_tokens(list(SPECIAL_TOKENS))
+    """The trained byte-level BPE tokenizer with its 4 specials; prepends `<s>` like Llama's tokenizer."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=SPECIAL_TOKENS[PAD], bos_token=bos, eos_token=SPECIAL_TOKENS[EOS],
-        unk_token=SPECIAL_TOKENS[UNK], model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False,
+        tokenizer_object=demo_tokenizer(), pad_token=SPECIAL_TOKENS[PAD], bos_token=SPECIAL_TOKENS[BOS],
+        eos_token=SPECIAL_TOKENS[EOS], unk_token=SPECIAL_TOKENS[UNK], model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
     )
+
+
+@lru_cache(maxsize=1)
+def _core() -> Tokenizer:
+    return demo_tokenizer()
 
 
 def encode(text: str) -> list[int]:
     """Token ids of `text` without specials (what the saved tokenizer gives after its `<s>`)."""
-    return [TOKEN_ID.get(c, UNK) for c in text]
+    return _core().encode(text, add_special_tokens=False).ids
+
+
+def decode(ids: Sequence[int]) -> str:
+    """Text of token ids (specials skipped)."""
+    return _core().decode(list(ids), skip_special_tokens=True)
 
 
 def new_model(seed: int) -> LlamaForCausalLM:
@@ -136,15 +138,16 @@ def train(model: LlamaForCausalLM, stream: Iterator[Example], *, steps: int, lr:
 
 @torch.no_grad()
 def greedy_answers(model: LlamaForCausalLM, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str | None]:
-    """Greedy answer to each prompt, or None where no `</s>` came within `max_new_tokens`. Prompts of equal length
-    are batched together, so no padding is involved (an independent check of lm-eval's batched generation)."""
+    """Greedy answer to each prompt, or None where no `</s>` came within `max_new_tokens`. Prompts of equal token
+    count are batched together, so no padding is involved (an independent check of lm-eval's batched generation)."""
     model.eval()
     answers: list[str | None] = [None] * len(prompts)
+    encoded = [encode(p) for p in prompts]
     by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
     for idx in by_length.values():
-        ids = torch.tensor([[BOS, *encode(prompts[i])] for i in idx])  # [B, T]
+        ids = torch.tensor([[BOS, *encoded[i]] for i in idx])  # [B, T]
         out: list[list[int]] = [[] for _ in idx]
         done = [False] * len(idx)
         for _ in range(max_new_tokens):
@@ -158,7 +161,7 @@ def greedy_answers(model: LlamaForCausalLM, prompts: Sequence[str], max_new_toke
                 break
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         for j, i in enumerate(idx):
-            answers[i] = "".join(VOCAB[t] for t in out[j]) if done[j] else None
+            answers[i] = decode(out[j]) if done[j] else None
     return answers
 
 

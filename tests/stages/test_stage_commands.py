@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from stage_cli import stage
+from stage_cli import run, stage
 
 
 def one_error_line(proc) -> str:
@@ -61,3 +61,14 @@ def test_offline_without_cache_says_what_is_missing(workspace):
     assert "Qwen/Qwen2.5-0.5B@060db6499f32faf8b98477b0a26969ef7d8b9987" in line
     assert "HF_HUB_OFFLINE=1" in line and "Qwen2.5-0.5B-Instruct" in line
     assert not (ws / "models").exists()
+
+
+def test_kquant_export_without_llamacpp_names_the_extra(workspace):
+    import sys
+
+    ws, env = workspace
+    code = ("import sys; sys.modules['llama_cpp'] = None; sys.argv = ['export', 'export.gguf=[f16,q4_k_m]']; "
+            "from stages import export; from stages._runner import main; main('export', export.run)")
+    proc = run([sys.executable, "-c", code], ws, {**env, "MERGELIB_TRACKING": "off"})
+    assert one_error_line(proc).endswith("GGUF Q4_K_M needs llama.cpp: pip install 'mergelib[llamacpp]' (or `make demo`)")
+    assert not (ws / "outputs" / "export").exists()
