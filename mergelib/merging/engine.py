@@ -27,7 +27,7 @@ from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan, SourceTensor, TensorJob
 from mergelib.merging.plan import memory_budget as planned_budget
 from mergelib.merging.rng import generator_for
-from mergelib.methods import MethodInputs, torch_kernels
+from mergelib.methods import MethodInputs, fused, torch_kernels
 from mergelib.methods.base import StreamInputs
 from mergelib.tokenizer import align_rows
 
@@ -286,6 +286,7 @@ def execute(
             finish(fname)
 
     _reuse_freed_memory()
+    fused.load_numba_target()  # here, before the workers: its imports are not thread-safe
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # OpenMP's thread count is per thread: each worker sets its own to 1, or LAPACK/BLAS calls (SVDs, products)

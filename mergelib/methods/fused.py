@@ -16,6 +16,8 @@ Keep rules, one per model (arrays indexed by model):
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numba import njit
 
@@ -23,6 +25,31 @@ KEEP_ALL, KEEP_BAND, KEEP_RANDOM, KEEP_MASK = 0, 1, 2, 3
 _CHUNK = 4096  # elements per inner step of the histogram kernels (their scratch stays in L1)
 
 _jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+# Loaded by numba's CPU target only to offer np.dot/BLAS and cffi pointers in compiled code, which no kernel
+# here uses: about half of the target's first load (scipy.linalg alone is 0.4 s).
+_UNUSED_BY_KERNELS = ("scipy.linalg.cython_blas", "cffi")
+
+
+def load_numba_target() -> None:
+    """Load numba's CPU target (its first use costs about a second) without importing scipy.linalg or cffi.
+
+    Call before the first kernel of a process, from one thread; later calls do nothing. numba then records BLAS
+    as unavailable for this process (np.dot in compiled code would fail to type); nothing in mergelib needs it."""
+    from numba.core.registry import cpu_target
+
+    if "numba.np.arraymath" in sys.modules:  # the target is already loaded
+        return
+    blocked = [name for name in _UNUSED_BY_KERNELS if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # an import of it raises ImportError, which numba takes as "not installed"
+    try:
+        cpu_target.typing_context.refresh()
+        cpu_target.target_context.refresh()
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 @_jit

@@ -55,9 +55,14 @@ class Blocks:
         """Rows [start, end) of input i as a flat float32 array."""
         return self.read(i, start, end).to(torch.float32).contiguous().reshape(-1).numpy()
 
-    def inputs(self, start: int, end: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """The base and every model's rows [start, end), flat."""
-        return self.flat(-1, start, end), tuple(self.flat(i, start, end) for i in range(self.n_models))
+    def inputs(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base's rows [start, end), flat, and every model's as the rows of one [n_models, elements] array
+        (one array type whatever the model count: the kernels compile once, see `kernel_warmup`)."""
+        base = self.flat(-1, start, end)
+        xs = np.empty((self.n_models, base.shape[0]), dtype=np.float32)
+        for i in range(self.n_models):
+            torch.from_numpy(xs[i]).copy_(self.read(i, start, end).reshape(-1))  # widens while it copies
+        return base, xs
 
 
 @dataclass(frozen=True)
