@@ -21,7 +21,7 @@ from mergelib.errors import InputModelError, MergelibError
 from mergelib.io.convert import to_float32
 from mergelib.io.journal import Journal
 from mergelib.io.reader import read_rows, read_tensor
-from mergelib.io.writer import ShardFile
+from mergelib.io.writer import ShardFile, WriteQueue
 from mergelib.merging.device import CPU, Placement
 from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan, SourceTensor, TensorJob
@@ -163,7 +163,10 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
         if job.lines_scale is not None:
             rows = lines_scale(rows, base_rows(start, start + rows.shape[0]), job.lines_scale)
-        emit(start, rows.to(job.dtype).cpu())
+        data = rows.to(job.dtype).cpu()
+        if not whole and data.data_ptr() == rows.data_ptr():
+            data = data.clone()  # it is written later, by the writer thread; the method may reuse its block buffer
+        emit(start, data)
 
     if whole:  # aligned embeddings are always planned whole
         with torch_kernels.forced(placement.torch_kernels):
@@ -251,7 +254,9 @@ def execute(
                 files[fname] = ShardFile(out_dir / fname, plan.shards[fname], metadata)
             return files[fname]
 
-    def finish(fname: str) -> None:
+    writes = WriteQueue()  # one writer thread: workers go on computing while their results reach the disk
+
+    def finish(fname: str) -> None:  # on the writer thread, after every write of the shard
         handle = files[fname]
         handle.close()
         if journal is not None:
@@ -266,10 +271,8 @@ def execute(
             shard = shard_file(fname)
 
             def emit(start: int, rows: torch.Tensor) -> None:
-                if job.mode == "whole" or placement.torch_kernels:
-                    shard.write(job.name, rows)
-                else:
-                    shard.write_rows(job.name, start, rows)
+                whole = job.mode == "whole" or placement.torch_kernels
+                writes.write(shard, job.name, rows, None if whole else start)
 
             compute(plan, job, seed, emit, placement, device)
         finally:
@@ -283,7 +286,7 @@ def execute(
             bar.set_postfix_str(f"{done + len(plan.jobs) - len(jobs)}/{len(plan.jobs)} tensors", refresh=False)
         failpoint("mid-shard", count)
         if last:
-            finish(fname)
+            writes.call(lambda: finish(fname))
 
     _reuse_freed_memory()
     fused.load_numba_target()  # here, before the workers: its imports are not thread-safe
@@ -312,12 +315,14 @@ def execute(
         for future in futures:
             if future.done() and future.exception() is not None:
                 raise future.exception()
+        writes.close()  # every queued write done (its failure raised here)
     except BaseException:
         for future in futures:
             future.cancel()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        writes.close(abandon=True)  # after a failure: drop what is queued, keep the first error raised above
         torch.set_num_threads(previous_threads)
         for handle in files.values():
             handle.close()
