@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mergelib.errors import InputModelError, MergelibError
-from mergelib.io.convert import to_float32
+from mergelib.io.convert import stored_finite, to_float32
 from mergelib.io.journal import Journal
 from mergelib.io.reader import read_rows, read_tensor
 from mergelib.io.writer import ShardFile, WriteQueue
@@ -88,6 +88,11 @@ def _reuse_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
+def _reads_stored(plan: MergePlan, placement: Placement) -> bool:
+    """Whether inputs reach the method as stored (bf16/fp16 not widened): its CPU kernels widen as they read."""
+    return plan.method.reads_stored and not placement.torch_kernels
+
+
 def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool,
              placement: Placement = CPU, device: str = "cpu") -> torch.Tensor:
     if placement.read_to_device:
@@ -97,7 +102,8 @@ def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: 
         tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
     if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
         tensor = tensor.to(plan.working_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
-    tensor, finite = to_float32(tensor)
+    checked = stored_finite(tensor) if _reads_stored(plan, placement) else None
+    tensor, finite = checked if checked is not None else to_float32(tensor)
     if not plan.allow_nan and not finite:
         raise InputModelError(
             f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
@@ -162,7 +168,8 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
         if tuple(rows.shape) != tuple(expected):
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
         if job.lines_scale is not None:
-            rows = lines_scale(rows, base_rows(start, start + rows.shape[0]), job.lines_scale)
+            base = base_rows(start, start + rows.shape[0]).to(torch.float32)  # as stored, for some methods
+            rows = lines_scale(rows, base, job.lines_scale)
         data = rows.to(job.dtype).cpu()
         if not whole and data.data_ptr() == rows.data_ptr():
             data = data.clone()  # it is written later, by the writer thread; the method may reuse its block buffer

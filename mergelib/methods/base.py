@@ -102,6 +102,10 @@ class MethodSpec:
     # Whether the torch kernels (GPU, `--device cuda`) give the same bytes as the CPU: elementwise float32 in a
     # fixed order. Methods with reductions (norms, dot products, SVDs) agree within 1e-6 relative instead.
     device_exact: bool = False
+    # Whether, on the CPU kernels, the method takes bf16/fp16 inputs as stored (MethodInputs.tensors and
+    # StreamInputs.read give them undwidened) and widens each element as its kernels read it: no widening pass,
+    # half the bytes held between passes.
+    reads_stored: bool = False
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised

@@ -4,7 +4,7 @@ Run once after installing (`mergelib warm-kernels`; `make install` does it), so 
 machine code instead of compiling it (seconds per kernel). The cache lives beside the modules (their
 `__pycache__`) or under NUMBA_CACHE_DIR when that is set; numba keys it by source file, argument types and CPU,
 so an edited module or another CPU compiles again, once. Model inputs reach the GTA kernels as one
-[n_models, elements] array, so one signature serves every model count; `linear`'s tuple of inputs is warmed for
+[n_models, elements] array (float32, or bf16/fp16 bits), so one signature per input type serves every model count; `linear`'s tuple of inputs is warmed for
 1 to `LINEAR_MODELS` models (more compile on first use, then are cached too).
 """
 
@@ -23,7 +23,6 @@ def _signatures() -> list[tuple[object, tuple]]:
 
     f32 = np.zeros(4, dtype=np.float32)
     i64 = np.zeros(2, dtype=np.int64)
-    rows = np.zeros((2, 4), dtype=np.float32)  # xs: [n_models, elements]
     bools = np.zeros(2, dtype=np.bool_)
     rules = (np.zeros(2, dtype=np.int8), np.zeros(2, dtype=np.float32), i64, np.zeros(2, dtype=np.float32), i64,
              np.zeros(2, dtype=np.uint64), np.zeros(2, dtype=np.float32), np.zeros((2, 4), dtype=np.bool_))
@@ -31,18 +30,23 @@ def _signatures() -> list[tuple[object, tuple]]:
     out = [
         (convert._widen_bf16, (np.zeros(4, dtype=np.int16), f32)),
         (convert._finite_f32, (f32,)),
+        (convert._finite_16, (np.zeros(4, dtype=np.int16), np.int16(0x7F80))),
         (fused.fill_uniform, (0, 0, f32)),
-        (fused.abs_samples, (f32, f32, 1, f32, 0)),
-        (fused.abs_histograms, (f32, rows, bools, hist)),
-        (fused.low_histograms, (f32, rows, i64, i64, hist)),
         (fused.tie_position, (f32, f32, np.float32(0), 0, 0, 0)),
-        (fused.abs_sums, (f32, rows, 0, *rules, hist, hist)),
-        (fused.gta_block, (f32, rows, 0, *rules, f32, f32, True, True, np.float32(1), np.float32(1), f32)),
     ]
-    for index in (np.int32, np.int64):  # flat indices: int32 unless a tensor has 2**31 elements or more
-        idx = np.zeros(4, dtype=index)
-        out.append((fused.window_members, (f32, rows, i64, f32, f32, 0, i64, i64, i64, i64, idx, f32)))
-        out.append((fused.bucket_members, (f32, rows, i64, i64, 0, i64, i64, idx, np.zeros(4, dtype=np.uint16))))
+    for stored in (np.float32, np.uint16, np.int16):  # inputs: float32, bf16 bits, fp16 bits
+        base, xs = np.zeros(4, dtype=stored), np.zeros((2, 4), dtype=stored)  # xs: [n_models, elements]
+        out += [
+            (fused.abs_samples, (base, base, 1, f32, 0)),
+            (fused.abs_histograms, (base, xs, bools, hist)),
+            (fused.low_histograms, (base, xs, i64, i64, hist)),
+            (fused.abs_sums, (base, xs, 0, *rules, hist, hist)),
+            (fused.gta_block, (base, xs, 0, *rules, f32, f32, True, True, np.float32(1), np.float32(1), f32)),
+        ]
+        for index in (np.int32, np.int64):  # flat indices: int32 unless a tensor has 2**31 elements or more
+            idx = np.zeros(4, dtype=index)
+            out.append((fused.window_members, (base, xs, i64, f32, f32, 0, i64, i64, i64, i64, idx, f32)))
+            out.append((fused.bucket_members, (base, xs, i64, i64, 0, i64, i64, idx, np.zeros(4, dtype=np.uint16))))
     for n in range(1, LINEAR_MODELS + 1):
         out.append((fused.weighted_sum, ((f32,) * n, f32, np.float32(1), f32)))
     return out
