@@ -157,6 +157,8 @@ def test_write_queue_raises_the_writer_s_first_failure_and_drops_the_rest(tmp_pa
     monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
     writes = WriteQueue()
     writes.write(shard, "a.weight", TENSORS["a.weight"])
+    released = []
+    writes.call(lambda: released.append(1), always=True)  # what a job holds goes back even after the failure
     ran = []
     with pytest.raises(OSError) as info:  # raised by a later submit or, at the latest, by close
         writes.write(shard, "b.bias", TENSORS["b.bias"])
@@ -164,6 +166,7 @@ def test_write_queue_raises_the_writer_s_first_failure_and_drops_the_rest(tmp_pa
         writes.close()
     assert info.value.errno == errno.ENOSPC and ran == []
     writes.close(abandon=True)  # after a failure: returns, raises nothing more
+    assert released == [1]
     fresh = WriteQueue()
     with pytest.raises(ValueError, match="planned"):  # a tensor that does not fit is refused before queueing
         fresh.write(shard, "a.weight", torch.zeros(2, 2))

@@ -148,7 +148,9 @@ class ShardFile:
 class WriteQueue:
     """Writes (and other file work, such as closing a finished shard) done in order by one writer thread, so the
     threads that compute never wait on the disk. At most `limit` bytes of tensors wait in the queue (a submit
-    blocks until they fit; one larger tensor is let through alone), which bounds the memory it adds.
+    blocks until they fit; one larger tensor is let through alone). The engine gives a job's memory budget back from
+    this thread (`call(..., always=True)`) once the job's results are written, so results waiting here count
+    against the budget too.
 
     The first failure of the writer is raised by every later `submit` and by `close`; work queued after it is
     dropped. `close` waits for the queue to drain (on success) or only for the running item (`abandon`)."""
@@ -169,27 +171,28 @@ class WriteQueue:
         offset = shard.check(name, tensor) if start is None else shard.check_rows(name, start, tensor)
         self._put(lambda: shard.write_at(offset, tensor), tensor.numel() * tensor.element_size())
 
-    def call(self, work: Callable[[], None]) -> None:
-        """Queue `work` to run on the writer thread after everything queued before it."""
-        self._put(work, 0)
+    def call(self, work: Callable[[], None], always: bool = False) -> None:
+        """Queue `work` to run on the writer thread after everything queued before it; `always`: even once the
+        writer has failed or the queue is abandoned (releasing what the work held), and queued even then."""
+        self._put(work, 0, always)
 
-    def _put(self, work: Callable[[], None], nbytes: int) -> None:
+    def _put(self, work: Callable[[], None], nbytes: int, always: bool = False) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self._error is not None or self._queued == 0
                                 or self._queued + nbytes <= self.limit)
-            if self._error is not None:
+            if self._error is not None and not always:
                 raise self._error
             self._queued += nbytes
-        self._items.put((work, nbytes))
+        self._items.put((work, nbytes, always))
 
     def _loop(self) -> None:
         while True:
             item = self._items.get()
             if item is None:
                 return
-            work, nbytes = item
+            work, nbytes, always = item
             try:
-                if self._error is None and not self._abandoned:
+                if always or (self._error is None and not self._abandoned):
                     work()
             except BaseException as exc:  # noqa: BLE001 - handed to the threads that submit and close
                 with self._cond:

@@ -274,7 +274,7 @@ def execute(
         nonlocal done
         fname = shard_of[job.name]
         device = device_of[job.name]
-        try:  # whatever fails (opening the shard on a full disk included), the job's memory goes back
+        try:
             shard = shard_file(fname)
 
             def emit(start: int, rows: torch.Tensor) -> None:
@@ -282,8 +282,11 @@ def execute(
                 writes.write(shard, job.name, rows, None if whole else start)
 
             compute(plan, job, seed, emit, placement, device)
-        finally:
+        except BaseException:  # whatever fails (opening the shard on a full disk included), the memory goes back
             budgets[device].release(held)
+            raise
+        # the job's results are in the queue: its memory goes back once they are written (or the writer failed)
+        writes.call(lambda: budgets[device].release(held), always=True)
         with lock:
             done += 1
             count = done
