@@ -68,7 +68,7 @@ def make_recipe(root: Path, method: str) -> Path:
     from mergelib.families.tiny import make_family
 
     family = make_family(root / "family", size="tiny", n_finetunes=2, seed=0, dtype=torch.bfloat16)
-    recipe = {"merge_method": method, "base_model": str(family.base), "dtype": "bfloat16",
+    recipe = {"merge_method": method, "base_model": str(family.base), "out_dtype": "bfloat16",
               "models": [{"model": str(ft), "parameters": {"weight": 0.5, "density": 0.5}} for ft in family.finetunes]}
     path = root / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe))

@@ -28,7 +28,7 @@ def _recipe(family, method: str, path: Path) -> Path:
     params = {"weight": 0.5} if method == "linear" else {"weight": 0.5, "density": 0.5}
     if method.startswith("della"):
         params["epsilon"] = 0.1
-    recipe = {"merge_method": method, "dtype": "bfloat16",
+    recipe = {"merge_method": method, "out_dtype": "bfloat16",
               "models": [{"model": str(m), "parameters": params} for m in family.finetunes]}
     if method != "linear":
         recipe["base_model"] = str(family.base)
@@ -118,7 +118,7 @@ print(json.dumps(compiled_at_run_time()))
 @pytest.mark.slow
 def test_no_kernel_compiles_after_warm_kernels(tiny_family, tmp_path):
     """A fresh numba cache: a merge compiles (the check can fail); after `mergelib warm-kernels`, merges of every
-    kernel-using method on float32 and bf16 inputs, with 2 and 3 models, compile nothing."""
+    kernel-using method on float32, bf16 and fp16 inputs, with 2 and 3 models, compile nothing."""
     from mergelib.families.tiny import make_family
 
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
@@ -129,8 +129,9 @@ def test_no_kernel_compiles_after_warm_kernels(tiny_family, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=600)
     assert warm.returncode == 0, warm.stderr
     bf16 = make_family(tmp_path / "bf16", size="tiny", n_finetunes=3, seed=1, dtype=torch.bfloat16)
+    fp16 = make_family(tmp_path / "fp16", size="tiny", n_finetunes=2, seed=2, dtype=torch.float16)
     recipes = [str(_recipe(family, method, tmp_path / f"{method}-{k}.yml"))
-               for k, family in enumerate((tiny_family, bf16)) for method in ("linear", *GTA)]
+               for k, family in enumerate((tiny_family, bf16, fp16)) for method in ("linear", *GTA)]
     after = _run(COMPILES_DURING, str(tmp_path), *recipes, env=env)
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout.strip().splitlines()[-1]) == {}
