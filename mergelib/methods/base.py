@@ -103,7 +103,7 @@ class MethodSpec:
     # fixed order. Methods with reductions (norms, dot products, SVDs) agree within 1e-6 relative instead.
     device_exact: bool = False
     # Whether, on the CPU kernels, the method takes bf16/fp16 inputs as stored (MethodInputs.tensors and
-    # StreamInputs.read give them undwidened) and widens each element as its kernels read it: no widening pass,
+    # StreamInputs.read give them unwidened) and widens each element as its kernels read it: no widening pass,
     # half the bytes held between passes.
     reads_stored: bool = False
 
