@@ -1,4 +1,4 @@
-"""The `mergelib` command: `merge CONFIG OUT`, `moe CONFIG OUT`, `extract-lora`, `methods`.
+"""The `mergelib` command: `merge CONFIG OUT`, `moe CONFIG OUT`, `extract-lora`, `methods`, `warm-kernels`.
 Bad input: one line on stderr, exit 2."""
 
 from __future__ import annotations
@@ -59,6 +59,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked (importlib.metadata costs tens of ms on every command otherwise)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"mergelib {_version()}")
+        parser.exit(0)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -66,7 +77,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mergelib", description="Merge fine-tuned LLM checkpoints from mergekit-style recipes.")
-    parser.add_argument("--version", action="version", version=f"mergelib {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     m = sub.add_parser("merge", help="merge the models of a recipe (mergekit YAML) into OUT")
     m.add_argument("config", help="recipe YAML (mergekit format)")
@@ -99,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--intermediate-dir", "-I", default=None,
                    help="multi-document recipes: where named stages are written (default OUT.intermediate)")
     sub.add_parser("methods", help="list the merge methods with their parameters, defaults and papers")
+    sub.add_parser("warm-kernels", help="compile the numba kernels into their on-disk cache (run once after "
+                                        "installing; `make install` does), so no merge compiles")
     _add_moe(sub)
     _add_extract_lora(sub)
     _add_search(sub)
@@ -352,7 +365,19 @@ def cmd_tokensurgeon(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "moe": cmd_moe, "extract-lora": cmd_extract_lora, "search": cmd_search,
+def cmd_warm_kernels(args: argparse.Namespace) -> int:
+    import time
+
+    from mergelib.methods.kernel_warmup import warm_kernels
+
+    start = time.perf_counter()
+    total, compiled = warm_kernels()
+    print(f"numba kernels: {total} signatures ready, {compiled} compiled now and cached "
+          f"({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "warm-kernels": cmd_warm_kernels, "moe": cmd_moe, "extract-lora": cmd_extract_lora, "search": cmd_search,
             "tokensurgeon": cmd_tokensurgeon}
 
 

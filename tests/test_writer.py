@@ -122,3 +122,53 @@ def test_committed_outputs_follow_the_user_s_umask(tmp_path, mask):
     assert (out.stat().st_mode & 0o777, (out / "sub").stat().st_mode & 0o777) == (0o777 & ~mask,) * 2
     for f in (out / "w.safetensors", out / "sub" / "w.safetensors"):
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_write_queue_gives_the_same_bytes_and_digest_as_direct_writes(tmp_path):
+    from mergelib.io.writer import WriteQueue
+
+    direct = write(tmp_path / "direct.safetensors", list(TENSORS))
+    slots = [TensorSlot(k, tuple(v.shape), v.dtype) for k, v in TENSORS.items()]
+    shard = ShardFile(tmp_path / "queued.safetensors", slots)
+    writes = WriteQueue(limit=16)  # smaller than most tensors: each waits for the one before it
+    for name in reversed(list(TENSORS)):
+        tensor = TENSORS[name]
+        if tensor.dim() and tensor.shape[0] > 1:  # row blocks, as streamed tensors arrive
+            writes.write(shard, name, tensor[1:].clone(), 1)
+            writes.write(shard, name, tensor[:1].clone(), 0)
+        else:
+            writes.write(shard, name, tensor)
+    digests = []
+    writes.call(lambda: digests.append(shard.digest()))  # runs after every write queued before it
+    writes.close()
+    shard.close()
+    assert hashlib.sha256((tmp_path / "queued.safetensors").read_bytes()).hexdigest() == direct
+    assert digests == [shard_digest(tmp_path / "queued.safetensors")]
+
+
+def test_write_queue_raises_the_writer_s_first_failure_and_drops_the_rest(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from mergelib.io.writer import WriteQueue
+
+    slots = [TensorSlot(k, tuple(v.shape), v.dtype) for k, v in TENSORS.items()]
+    shard = ShardFile(tmp_path / "m.safetensors", slots)
+    monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    writes = WriteQueue()
+    writes.write(shard, "a.weight", TENSORS["a.weight"])
+    released = []
+    writes.call(lambda: released.append(1), always=True)  # what a job holds goes back even after the failure
+    ran = []
+    with pytest.raises(OSError) as info:  # raised by a later submit or, at the latest, by close
+        writes.write(shard, "b.bias", TENSORS["b.bias"])
+        writes.call(lambda: ran.append(1))
+        writes.close()
+    assert info.value.errno == errno.ENOSPC and ran == []
+    writes.close(abandon=True)  # after a failure: returns, raises nothing more
+    assert released == [1]
+    fresh = WriteQueue()
+    with pytest.raises(ValueError, match="planned"):  # a tensor that does not fit is refused before queueing
+        fresh.write(shard, "a.weight", torch.zeros(2, 2))
+    fresh.close()
+    shard.close()

@@ -3,7 +3,7 @@ docs/figures/NAME.json with the library versions it ran under (demo: reports/ af
 reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
 reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`;
 search: reports/search_bench.json after `make bench-search`; spectral: reports/spectral_bench.json after
-`benchmarks/spectral_bench.py`). With no argument (`make readme-figures`) every figures
+`benchmarks/spectral_bench.py`; startup: reports/startup_bench.json after `benchmarks/startup_bench.py`). With no argument (`make readme-figures`) every figures
 block of README.md is re-rendered from those files; `--check` exits 1 when a block differs from its file.
 """
 
@@ -115,6 +115,25 @@ def record_spectral() -> dict:
     return json.loads((REPO / "reports" / "spectral_bench.json").read_text())
 
 
+def record_startup() -> dict:
+    """Start-up against the floor of importing torch, from reports/startup_bench.json (startup_bench.py)."""
+    return json.loads((REPO / "reports" / "startup_bench.json").read_text())
+
+
+def _startup_table(d: dict) -> str:
+    rows = [("`python -c pass`", "python_pass"), ('`python -c "import torch"` (the floor)', "import_torch"),
+            ("`mergelib --help`", "help"), ("`mergelib merge --dry-run` (tiny family)", "dry_run"),
+            (f"`mergelib merge` (tiny family, {d['method']})", "merge")]
+    lines = ["| command | wall s | CPU s |", "|---|---:|---:|"]
+    lines += [f"| {label} | {d[key + '_s']} | {d[key + '_cpu_s']} |" for label, key in rows]
+    lines += ["", f"Work of that merge (its second run in one process): {d['work_s']} s wall, {d['work_cpu_s']} s CPU; "
+              f"the first run in a process, "
+              f"which loads the kernels from numba's cache: {d['first_merge_in_process_s']} s; kernels compiled "
+              f"during the merges: {d['kernels_compiled']}. Merge / (import torch + work): {d['ratio']}x wall, "
+              f"{d['cpu_ratio']}x CPU (target <= {d['target_ratio']}x). Fastest of {d['repeat']} runs each."]
+    return "\n".join(lines)
+
+
 def _spectral_table(data: dict) -> str:
     size, tasks = data["size"], data["tasks"]
     lines = [f"| method | s per {size}x{size} matrix ({tasks} task vectors, {data['threads']} thread) | "
@@ -172,6 +191,8 @@ def render(name: str, data: dict) -> str:
         text = _search_tables(data)
     elif name == "spectral":
         text = _spectral_table(data)
+    elif name == "startup":
+        text = _startup_table(data)
     else:
         raise SystemExit(f"docs/figures/{name}.json: no renderer for '{name}'")
     return f"{text}\n\n<sub>Measured with {versions} (`python tools/readme_figures.py --record {name}`).</sub>\n"
@@ -194,7 +215,7 @@ def main(argv: list[str]) -> int:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
                      "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray,
-                     "spectral": record_spectral}
+                     "spectral": record_spectral, "startup": record_startup}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2

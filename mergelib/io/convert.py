@@ -1,4 +1,5 @@
-"""Stored tensors to float32 for the merge math, with the NaN/Inf check fused into the same pass (numba).
+"""Stored tensors to float32 for the merge math, with the NaN/Inf check fused into the same pass (numba); or, for
+methods whose kernels read bf16/fp16 themselves, only the check (`stored_finite`).
 
 bfloat16 is the upper half of a float32, so widening it is a shift of its bits: exact, and one pass together
 with the finiteness test (an exponent of all ones is Inf or NaN). torch's own widening plus a separate check
@@ -31,6 +32,27 @@ def _finite_f32(values):
     for j in range(bits.shape[0]):
         finite &= (bits[j] & _EXPONENT) != _EXPONENT
     return finite
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _finite_16(bits, exponent):
+    finite = True
+    for j in range(bits.shape[0]):
+        finite &= (bits[j] & exponent) != exponent
+    return finite
+
+
+_EXPONENT_16 = {torch.bfloat16: np.int16(0x7F80), torch.float16: np.int16(0x7C00)}
+
+
+def stored_finite(tensor: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """For a bf16/fp16 CPU tensor: it (contiguous, not widened) and whether every value is finite, in one pass
+    over its 2-byte values; None for any other tensor."""
+    exponent = _EXPONENT_16.get(tensor.dtype)
+    if exponent is None or tensor.device.type != "cpu":
+        return None
+    tensor = tensor.contiguous()
+    return tensor, bool(_finite_16(tensor.view(torch.int16).reshape(-1).numpy(), exponent))
 
 
 def to_float32(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:

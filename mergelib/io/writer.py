@@ -3,7 +3,8 @@
 Because every output tensor's name, shape and dtype is planned up front, each shard's header (the safetensors
 format: u64 little-endian header length, JSON header padded with spaces to 8 bytes, then the raw data) is written
 first and each tensor is `pwrite`n at its offset whenever it is ready, in any order, from any thread. The bytes on
-disk do not depend on the order of completion, and memory holds only the tensors in flight.
+disk do not depend on the order of completion, and memory holds only the tensors in flight. `WriteQueue` moves the
+writes to a thread of their own, so the merge computes and reads while earlier results go to disk.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,21 +86,28 @@ class ShardFile:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (its dtype and shape must match the plan)."""
-        slot = self.slots[name]
-        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise ValueError(f"{name}: planned {slot.shape} {slot.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        if slot.nbytes:
-            self._pwrite(self.offsets[name], tensor)
+        self.write_at(self.check(name, tensor), tensor)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Write rows [start, start + len(rows)) of a planned tensor (dim 0 blocks, for streamed tensors)."""
+        self.write_at(self.check_rows(name, start, rows), rows)
+
+    def check(self, name: str, tensor: torch.Tensor) -> int:
+        """The file offset of planned tensor `name`, once `tensor` matches its planned dtype and shape."""
+        slot = self.slots[name]
+        if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise ValueError(f"{name}: planned {slot.shape} {slot.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        return self.offsets[name]
+
+    def check_rows(self, name: str, start: int, rows: torch.Tensor) -> int:
+        """The file offset of rows [start, start + len(rows)) of `name`, once they fit its planned layout."""
         slot = self.slots[name]
         if tuple(rows.shape[1:]) != slot.shape[1:] or rows.dtype != slot.dtype or start + rows.shape[0] > slot.shape[0]:
             raise ValueError(f"{name}: rows {start}+{tuple(rows.shape)} {rows.dtype} do not fit {slot.shape} {slot.dtype}")
-        row_bytes = slot.nbytes // slot.shape[0]
-        self._pwrite(self.offsets[name] + start * row_bytes, rows)
+        return self.offsets[name] + start * (slot.nbytes // slot.shape[0] if slot.shape[0] else 0)
 
-    def _pwrite(self, offset: int, tensor: torch.Tensor) -> None:
+    def write_at(self, offset: int, tensor: torch.Tensor) -> None:
+        """Write `tensor`'s bytes at file offset `offset` (checked by `check` or `check_rows`) and hash them."""
         view = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < len(view):  # pwrite may write less than asked (signals, large buffers)
@@ -133,6 +143,74 @@ class ShardFile:
             os.fsync(self._fd)  # a shard is recorded complete only once its bytes are on disk
             os.close(self._fd)
             self._fd = -1
+
+
+class WriteQueue:
+    """Writes (and other file work, such as closing a finished shard) done in order by one writer thread, so the
+    threads that compute never wait on the disk. At most `limit` bytes of tensors wait in the queue (a submit
+    blocks until they fit; one larger tensor is let through alone). The engine gives a job's memory budget back from
+    this thread (`call(..., always=True)`) once the job's results are written, so results waiting here count
+    against the budget too.
+
+    The first failure of the writer is raised by every later `submit` and by `close`; work queued after it is
+    dropped. `close` waits for the queue to drain (on success) or only for the running item (`abandon`)."""
+
+    def __init__(self, limit: int = 128 << 20):
+        self.limit = max(1, int(limit))
+        self._queued = 0
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._cond = threading.Condition()
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="mergelib-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, shard: ShardFile, name: str, tensor: torch.Tensor, start: int | None = None) -> None:
+        """Queue one planned tensor (`start`: a block of its rows from that row) for `shard`. The tensor must not
+        change afterwards (hand over a fresh one)."""
+        offset = shard.check(name, tensor) if start is None else shard.check_rows(name, start, tensor)
+        self._put(lambda: shard.write_at(offset, tensor), tensor.numel() * tensor.element_size())
+
+    def call(self, work: Callable[[], None], always: bool = False) -> None:
+        """Queue `work` to run on the writer thread after everything queued before it; `always`: even once the
+        writer has failed or the queue is abandoned (releasing what the work held), and queued even then."""
+        self._put(work, 0, always)
+
+    def _put(self, work: Callable[[], None], nbytes: int, always: bool = False) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or self._queued == 0
+                                or self._queued + nbytes <= self.limit)
+            if self._error is not None and not always:
+                raise self._error
+            self._queued += nbytes
+        self._items.put((work, nbytes, always))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._items.get()
+            if item is None:
+                return
+            work, nbytes, always = item
+            try:
+                if always or (self._error is None and not self._abandoned):
+                    work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the threads that submit and close
+                with self._cond:
+                    self._error = exc
+            finally:
+                with self._cond:
+                    self._queued -= nbytes
+                    self._cond.notify_all()
+
+    def close(self, abandon: bool = False) -> None:
+        """Stop the writer once the queue is drained (`abandon`: dropping what is still queued); raises the
+        writer's first failure, unless abandoning (the merge is failing already)."""
+        self._abandoned = self._abandoned or abandon
+        if self._thread.is_alive():
+            self._items.put(None)
+            self._thread.join()
+        if self._error is not None and not abandon:
+            raise self._error
 
 
 def shard_names(count: int) -> list[str]:

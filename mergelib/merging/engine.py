@@ -18,16 +18,16 @@ import torch
 from tqdm import tqdm
 
 from mergelib.errors import InputModelError, MergelibError
-from mergelib.io.convert import to_float32
+from mergelib.io.convert import stored_finite, to_float32
 from mergelib.io.journal import Journal
 from mergelib.io.reader import read_rows, read_tensor
-from mergelib.io.writer import ShardFile
+from mergelib.io.writer import ShardFile, WriteQueue
 from mergelib.merging.device import CPU, Placement
 from mergelib.merging.faults import failpoint
 from mergelib.merging.plan import MergePlan, SourceTensor, TensorJob
 from mergelib.merging.plan import memory_budget as planned_budget
 from mergelib.merging.rng import generator_for
-from mergelib.methods import MethodInputs, torch_kernels
+from mergelib.methods import MethodInputs, fused, torch_kernels
 from mergelib.methods.base import StreamInputs
 from mergelib.tokenizer import align_rows
 
@@ -88,6 +88,11 @@ def _reuse_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
+def _reads_stored(plan: MergePlan, placement: Placement) -> bool:
+    """Whether inputs reach the method as stored (bf16/fp16 not widened): its CPU kernels widen as they read."""
+    return plan.method.reads_stored and not placement.torch_kernels
+
+
 def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: bool,
              placement: Placement = CPU, device: str = "cpu") -> torch.Tensor:
     if placement.read_to_device:
@@ -97,7 +102,8 @@ def _prepare(plan: MergePlan, tensor: torch.Tensor, source: SourceTensor, rows: 
         tensor = tensor[(first, *(slice(0, n) for n in source.crop[1:]))]
     if plan.working_dtype is not None and tensor.dtype != plan.working_dtype:
         tensor = tensor.to(plan.working_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
-    tensor, finite = to_float32(tensor)
+    checked = stored_finite(tensor) if _reads_stored(plan, placement) else None
+    tensor, finite = checked if checked is not None else to_float32(tensor)
     if not plan.allow_nan and not finite:
         raise InputModelError(
             f"model '{plan.models[source.model].label}': tensor '{source.name}' holds NaN or Inf values "
@@ -171,8 +177,12 @@ def compute(plan: MergePlan, job: TensorJob, seed: int, emit, placement: Placeme
         if tuple(rows.shape) != tuple(expected):
             raise RuntimeError(f"{plan.method.name} gave shape {tuple(rows.shape)} for {job.name}, planned {job.shape}")
         if job.lines_scale is not None:
-            rows = lines_scale(rows, base_rows(start, start + rows.shape[0]), job.lines_scale)
-        emit(start, rows.to(job.dtype).cpu())
+            base = base_rows(start, start + rows.shape[0]).to(torch.float32)  # as stored, for some methods
+            rows = lines_scale(rows, base, job.lines_scale)
+        data = rows.to(job.dtype).cpu()
+        if not whole and data.data_ptr() == rows.data_ptr():
+            data = data.clone()  # it is written later, by the writer thread; the method may reuse its block buffer
+        emit(start, data)
 
     if whole:  # aligned embeddings are always planned whole
         with torch_kernels.forced(placement.torch_kernels):
@@ -260,7 +270,9 @@ def execute(
                 files[fname] = ShardFile(out_dir / fname, plan.shards[fname], metadata)
             return files[fname]
 
-    def finish(fname: str) -> None:
+    writes = WriteQueue()  # one writer thread: workers go on computing while their results reach the disk
+
+    def finish(fname: str) -> None:  # on the writer thread, after every write of the shard
         handle = files[fname]
         handle.close()
         if journal is not None:
@@ -271,18 +283,19 @@ def execute(
         nonlocal done
         fname = shard_of[job.name]
         device = device_of[job.name]
-        try:  # whatever fails (opening the shard on a full disk included), the job's memory goes back
+        try:
             shard = shard_file(fname)
 
             def emit(start: int, rows: torch.Tensor) -> None:
-                if job.mode == "whole" or placement.torch_kernels:
-                    shard.write(job.name, rows)
-                else:
-                    shard.write_rows(job.name, start, rows)
+                whole = job.mode == "whole" or placement.torch_kernels
+                writes.write(shard, job.name, rows, None if whole else start)
 
             compute(plan, job, seed, emit, placement, device)
-        finally:
+        except BaseException:  # whatever fails (opening the shard on a full disk included), the memory goes back
             budgets[device].release(held)
+            raise
+        # the job's results are in the queue: its memory goes back once they are written (or the writer failed)
+        writes.call(lambda: budgets[device].release(held), always=True)
         with lock:
             done += 1
             count = done
@@ -292,9 +305,10 @@ def execute(
             bar.set_postfix_str(f"{done + len(plan.jobs) - len(jobs)}/{len(plan.jobs)} tensors", refresh=False)
         failpoint("mid-shard", count)
         if last:
-            finish(fname)
+            writes.call(lambda: finish(fname))
 
     _reuse_freed_memory()
+    fused.load_numba_target()  # here, before the workers: its imports are not thread-safe
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # OpenMP's thread count is per thread: each worker sets its own to 1, or LAPACK/BLAS calls (SVDs, products)
@@ -320,12 +334,14 @@ def execute(
         for future in futures:
             if future.done() and future.exception() is not None:
                 raise future.exception()
+        writes.close()  # every queued write done (its failure raised here)
     except BaseException:
         for future in futures:
             future.cancel()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        writes.close(abandon=True)  # after a failure: drop what is queued, keep the first error raised above
         torch.set_num_threads(previous_threads)
         for handle in files.values():
             handle.close()

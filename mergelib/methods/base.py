@@ -113,6 +113,10 @@ class MethodSpec:
     # Where the calibration activations come from: each model's own layers ("own", RegMean), or the merged layers
     # below the one measured ("merged", RegMean++).
     statistics_flow: Literal["own", "merged"] = "own"
+    # Whether, on the CPU kernels, the method takes bf16/fp16 inputs as stored (MethodInputs.tensors and
+    # StreamInputs.read give them unwidened) and widens each element as its kernels read it: no widening pass,
+    # half the bytes held between passes.
+    reads_stored: bool = False
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised

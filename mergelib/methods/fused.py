@@ -5,8 +5,11 @@ page faults of a fresh buffer cost more than the op). These kernels fuse the who
 elements: linear sums, the generalized task arithmetic family (keep rules, L1 rescale, sign election,
 normalisation, lambda) and the statistics its tensor-wide selections need (radix histograms of |delta|). Each
 is plain float32 arithmetic in a fixed order (no fastmath: no reassociation, no FMA contraction), so a block
-gives the same bits wherever it starts and whichever thread runs it. Arrays are flat, C-contiguous float32;
-`offset` is the flat index of the block's first element (ties and random draws are keyed by flat index).
+gives the same bits wherever it starts and whichever thread runs it. Arrays are flat and C-contiguous; the model
+inputs of a block are one [n_models, elements] array. Inputs are float32, or the stored 16-bit values themselves
+(bf16 bit patterns as uint16, fp16 bit patterns as int16), which `widen` turns into float32 exactly as each element
+is read: no widening pass, half the bytes, and the same float32 arithmetic, so the same output bits. `offset` is
+the flat index of the block's first element (ties and random draws are keyed by flat index).
 
 Keep rules, one per model (arrays indexed by model):
   kind 0: keep all; 1: rank band (keep the top-k_lo |delta|, drop the top-k_hi), each cut given as a value and
@@ -16,13 +19,77 @@ Keep rules, one per model (arrays indexed by model):
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 KEEP_ALL, KEEP_BAND, KEEP_RANDOM, KEEP_MASK = 0, 1, 2, 3
 _CHUNK = 4096  # elements per inner step of the histogram kernels (their scratch stays in L1)
 
 _jit = njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+# Loaded by numba's CPU target only to offer np.dot/BLAS and cffi pointers in compiled code, which no kernel
+# here uses: about half of the target's first load (scipy.linalg alone is 0.4 s).
+_UNUSED_BY_KERNELS = ("scipy.linalg.cython_blas", "cffi")
+
+
+def load_numba_target() -> None:
+    """Load numba's CPU target (its first use costs about a second) without importing scipy.linalg or cffi.
+
+    Call before the first kernel of a process, from one thread; later calls do nothing. numba then records BLAS
+    as unavailable for this process (np.dot in compiled code would fail to type); nothing in mergelib needs it."""
+    from numba.core.registry import cpu_target
+
+    if "numba.np.arraymath" in sys.modules:  # the target is already loaded
+        return
+    blocked = [name for name in _UNUSED_BY_KERNELS if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # an import of it raises ImportError, which numba takes as "not installed"
+    try:
+        cpu_target.typing_context.refresh()
+        cpu_target.target_context.refresh()
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+
+def widen(value):
+    """The float32 value of one stored element: float32 as is, bf16 bits (uint16) or fp16 bits (int16) exactly
+    (kernels only; numba picks the conversion from the element type)."""
+    raise NotImplementedError("widen is compiled into the kernels; call it inside them only")
+
+
+@_jit
+def _fp16_to_float32(value):
+    """IEEE half-precision bits to the float32 of the same value: normal numbers re-biased, subnormals scaled (a
+    multiple of 2**-24, exact in float32), infinities kept and NaNs kept with their payload and made quiet, as
+    torch's own conversion (and the CPU's) does."""
+    h = np.uint32(np.uint16(value))
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mantissa = h & np.uint32(0x3FF)
+    if exponent == 0:
+        magnitude = np.float32(mantissa) * np.float32(5.9604644775390625e-08)  # m * 2**-24
+        return -magnitude if sign else magnitude
+    if exponent == 0x1F:
+        quiet = np.uint32(0x400000) if mantissa else np.uint32(0)
+        return np.uint32(sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13)) | quiet).view(np.float32)
+    return np.uint32(sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))).view(
+        np.float32)
+
+
+@overload(widen, jit_options={"nogil": True, "boundscheck": False, "error_model": "numpy"})
+def _widen_impl(value):
+    if value == types.float32:
+        return lambda value: value
+    if value == types.uint16:  # bfloat16: the upper half of a float32
+        return lambda value: np.uint32(np.uint32(value) << np.uint32(16)).view(np.float32)
+    if value == types.int16:
+        return lambda value: _fp16_to_float32(value)
+    return None
 
 
 @_jit
@@ -91,7 +158,7 @@ def _keep_row(k, a_row, n, offset, lo, lo_tie, hi, hi_tie, key, p, explicit_row,
 def _abs_deltas(x, base, s, e, out):
     """out[j - s] = |x[j] - base[j]| for j in [s, e)."""
     for j in range(s, e):
-        out[j - s] = abs(x[j] - base[j])
+        out[j - s] = abs(widen(x[j]) - widen(base[j]))
 
 
 @_jit
@@ -116,7 +183,7 @@ def abs_histograms(base, xs, wanted, hist):
 def abs_samples(base, x, stride, out, p):
     """out[p...] = |x - base| at every stride-th element; returns the next free place."""
     for j in range(0, base.shape[0], stride):
-        out[p] = abs(x[j] - base[j])
+        out[p] = abs(widen(x[j]) - widen(base[j]))
         p += 1
     return p
 
@@ -136,7 +203,7 @@ def window_members(base, xs, model, lo, hi, offset, start, fill, cap, above, ind
         first = start[r]
         count = 0
         for j in range(n):
-            a = abs(x[j] - base[j])
+            a = abs(widen(x[j]) - widen(base[j]))
             count += not (a <= high_end)
             if (a >= low_end) & (a <= high_end):
                 if p < limit:
@@ -156,7 +223,7 @@ def low_histograms(base, xs, model, high, hist):
         want = np.uint32(high[r])
         row = hist[r]
         for j in range(n):
-            b = np.float32(abs(x[j] - base[j])).view(np.uint32)
+            b = np.float32(abs(widen(x[j]) - widen(base[j]))).view(np.uint32)
             if (b >> np.uint32(16)) == want:
                 row[b & np.uint32(0xFFFF)] += 1
 
@@ -171,7 +238,7 @@ def bucket_members(base, xs, model, high, offset, start, fill, index, low):
         want = np.uint32(high[r])
         p = start[r] + fill[r]
         for j in range(n):
-            bits = np.float32(abs(x[j] - base[j])).view(np.uint32)
+            bits = np.float32(abs(widen(x[j]) - widen(base[j]))).view(np.uint32)
             if (bits >> np.uint32(16)) == want:
                 index[p] = offset + j
                 low[p] = bits & np.uint32(0xFFFF)
@@ -185,7 +252,7 @@ def tie_position(base, x, cut, offset, seen, room):
     returns (how many equal values this block holds, that index or -1)."""
     count = 0
     for j in range(base.shape[0]):
-        if abs(x[j] - base[j]) == cut:
+        if abs(widen(x[j]) - widen(base[j])) == cut:
             if seen + count == room:
                 return count, offset + j
             count += 1
@@ -250,7 +317,7 @@ def gta_block(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob,
             x = xs[i][s:e]
             row = d[i]
             for j in range(m):
-                v = x[j] - b[j]
+                v = widen(x[j]) - widen(b[j])
                 row[j] = v
                 a_row[j] = abs(v)
             _keep_row(kind[i], a_row, m, offset + s, lo_cut[i], lo_tie[i], hi_cut[i], hi_tie[i], key[i],
@@ -282,4 +349,4 @@ def gta_block(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob,
         for j in range(m):
             t = total[j] / div[j] if normalize else total[j]
             t = t * lam if lam != 1 else t
-            out[s + j] = b[j] + t
+            out[s + j] = widen(b[j]) + t

@@ -112,6 +112,8 @@ def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, mode
             emit(start, blocks.read(-1, start, end).to(torch.float32))
         return
     sparsified, rules = _rules(sparsify, blocks, model_params, generator)
+    if any(isinstance(rule, (keep.Ranked, keep.Explicit)) for rule in rules):
+        blocks = blocks.widened()  # those rules compute on the block's inputs outside the kernels: float32
     arrays = keep.rule_arrays(blocks, rules)
     factors = keep.l1_factors(blocks, arrays, sparsified) if params.rescale and any(sparsified) else \
         np.ones(blocks.n_models, dtype=np.float32)
@@ -120,7 +122,7 @@ def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, mode
     lam = np.float32(params.lambda_)
     for start, end, offset in blocks.ranges():
         base, xs = blocks.inputs(start, end)
-        out = np.empty_like(base)
+        out = np.empty(base.shape[0], dtype=np.float32)
         fused.gta_block(base, xs, offset, *arrays.args(offset, offset + base.shape[0], base, xs), factors, weights,
                         consensus, params.normalize, divisor, lam, out)
         emit(start, torch.from_numpy(out).view((end - start, *blocks.shape[1:])))
@@ -169,8 +171,10 @@ def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, p
         raise ValueError(f"{inputs.name}: GTA methods need a base_model")
     shape = tuple(base.shape) or (1,)  # a 0-d tensor is one row of one element
     tensors = {-1: base.reshape(shape), **{i: t.reshape(shape) for i, t in enumerate(inputs.tensors)}}
-    blocks = keep.Blocks(shape, len(inputs.tensors), lambda i, a, b: tensors[i][a:b], shape[0])
+    blocks = keep.Blocks(shape, len(inputs.tensors), lambda i, a, b: tensors[i][a:b].to(torch.float32), shape[0],
+                         stored=lambda i, a, b: tensors[i][a:b])
     if torch_kernels.active(base):
+        tensors = {i: t.to(torch.float32) for i, t in tensors.items()}
         out = _run_torch(sparsify, consensus, blocks, tensors, inputs.model_params, inputs.generator, params)
         return out.view(base.shape)
     out = torch.empty(shape, dtype=torch.float32)
@@ -184,7 +188,8 @@ def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, p
 
 def _stream(sparsify: Sparsifier | None, consensus: bool, inputs: StreamInputs, params: GTAParams) -> None:
     """`_merge` for tensors too large to hold every input: the same bits, re-reading row blocks per pass."""
-    blocks = keep.Blocks(inputs.shape, inputs.n_models, inputs.read, inputs.chunk_rows)
+    blocks = keep.Blocks(inputs.shape, inputs.n_models, lambda i, a, b: inputs.read(i, a, b).to(torch.float32),
+                         inputs.chunk_rows, stored=inputs.read)
     _run(sparsify, consensus, blocks, inputs.model_params, inputs.generator, params, inputs.emit)
 
 
@@ -220,6 +225,7 @@ def _spec(
         randomized=sparsify in (_random, _magprune),
         ignored=_ignored(sparsify),
         device_exact=True,  # torch_kernels: the same rules, draws and float32 order on any device
+        reads_stored=True,  # the fused kernels widen bf16/fp16 as they read
     )
 
 

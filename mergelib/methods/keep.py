@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,14 +30,25 @@ _WINDOW_SHARE = 0.12  # a window holding more than this share of the tensor is g
 _COLLECT_MIN = 1 << 20  # bucket members are always collected up to this many (6 to 10 bytes each)
 
 
+_STORED_BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}  # how the fused kernels take 16-bit inputs
+
+
+def stored_bits(tensor: torch.Tensor, kind: type) -> np.ndarray:
+    """The bit patterns of a bf16/fp16 tensor, flat, as the kernels' element type `kind` (no copy when contiguous)."""
+    return tensor.contiguous().reshape(-1).view(torch.int16).numpy().view(kind)
+
+
 @dataclass(frozen=True)
 class Blocks:
-    """Row-block access to one tensor's inputs: `read(i, start, end)` gives rows of input i (-1: the base)."""
+    """Row-block access to one tensor's inputs: `read(i, start, end)` gives rows of input i (-1: the base) in
+    float32; `stored`, when given, the same rows as stored (bf16/fp16 not widened), which `inputs` hands to the
+    kernels as they are when every input has the same 16-bit dtype."""
 
     shape: tuple[int, ...]
     n_models: int
     read: Callable[[int, int, int], torch.Tensor]
     rows_per_block: int
+    stored: Callable[[int, int, int], torch.Tensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -55,9 +66,31 @@ class Blocks:
         """Rows [start, end) of input i as a flat float32 array."""
         return self.read(i, start, end).to(torch.float32).contiguous().reshape(-1).numpy()
 
-    def inputs(self, start: int, end: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """The base and every model's rows [start, end), flat."""
-        return self.flat(-1, start, end), tuple(self.flat(i, start, end) for i in range(self.n_models))
+    def inputs(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base's rows [start, end), flat, and every model's as the rows of one [n_models, elements] array
+        (one array type whatever the model count: the kernels compile once, see `kernel_warmup`): float32, or
+        the stored bf16/fp16 bits when `stored` is given and every input has that dtype."""
+        if self.stored is not None:
+            rows = [self.stored(i, start, end) for i in range(-1, self.n_models)]
+            kind = _STORED_BITS.get(rows[0].dtype)
+            if kind is not None and all(r.dtype == rows[0].dtype for r in rows):
+                base = stored_bits(rows[0], kind)
+                xs = np.empty((self.n_models, base.shape[0]), dtype=kind)
+                for i in range(self.n_models):
+                    xs[i] = stored_bits(rows[i + 1], kind)
+                return base, xs
+            read = lambda i, a, b: rows[i + 1]  # noqa: E731 - mixed dtypes: widened below, read once
+        else:
+            read = self.read
+        base = read(-1, start, end).to(torch.float32).contiguous().reshape(-1).numpy()
+        xs = np.empty((self.n_models, base.shape[0]), dtype=np.float32)
+        for i in range(self.n_models):
+            torch.from_numpy(xs[i]).copy_(read(i, start, end).reshape(-1))  # widens while it copies
+        return base, xs
+
+    def widened(self) -> Blocks:
+        """These blocks with float32 inputs only (for rules that compute on the inputs outside the kernels)."""
+        return replace(self, stored=None)
 
 
 @dataclass(frozen=True)

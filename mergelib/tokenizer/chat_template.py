@@ -11,9 +11,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from mergelib.errors import RecipeError, did_you_mean
 
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -93,6 +90,9 @@ def resolve_chat_template(value: str | None, model_dirs: dict[str, Path], owner:
             f"{did_you_mean(value, [*BUILTIN_TEMPLATES, 'auto'])} nor a Jinja template "
             f"(at least {MIN_LITERAL_CHARS} characters with '{{')"
         )
+    import jinja2  # only a literal template needs it; not imported on every merge
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     try:
         ImmutableSandboxedEnvironment().parse(value)
     except jinja2.TemplateSyntaxError as exc:
