@@ -3,7 +3,8 @@
 A chain of torch ops costs a full memory pass and a fresh output buffer per op (on this class of machine, the
 page faults of a fresh buffer cost more than the op). These kernels fuse the whole chain for one block of
 elements: linear sums, the generalized task arithmetic family (keep rules, L1 rescale, sign election,
-normalisation, lambda) and the statistics its tensor-wide selections need (radix histograms of |delta|). Each
+normalisation, lambda), the statistics its tensor-wide selections need (radix histograms of |delta|) and
+DELLA's per-row ranks (a radix sort of each row). Each
 is plain float32 arithmetic in a fixed order (no fastmath: no reassociation, no FMA contraction), so a block
 gives the same bits wherever it starts and whichever thread runs it. Arrays are flat, C-contiguous float32;
 `offset` is the flat index of the block's first element (ties and random draws are keyed by flat index).
@@ -283,3 +284,62 @@ def gta_block(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob,
             t = total[j] / div[j] if normalize else total[j]
             t = t * lam if lam != 1 else t
             out[s + j] = b[j] + t
+
+
+_RADIX_BITS = 8
+_RADIX = 1 << _RADIX_BITS
+
+
+@_jit
+def magprune_keep(base, x, row, table, key, offset, keep):
+    """DELLA's MAGPRUNE keep mask of flat rows of `row` elements: keep[j] = uniform_at(key, offset + j) <
+    table[rank], rank the ascending place of |x[j] - base[j]| within its row, equal magnitudes ranking the lower
+    index higher (`masks.magprune_probabilities`, which sorts; the ranks here are the same, by an exact sort).
+
+    Per row: a stable LSD radix sort of the float32 bit patterns (non-negative, so their unsigned order is the
+    float order; every NaN is given one pattern, above inf, so NaNs tie) in four 8-bit passes, starting from
+    descending index order so that ties keep the lower index later; passes whose digit is the same across the row
+    are skipped. O(row) per row, whatever the values."""
+    n_rows = base.shape[0] // row
+    bits = np.empty(row, dtype=np.uint32)
+    index = np.empty(row, dtype=np.int32)
+    bits_to = np.empty(row, dtype=np.uint32)
+    index_to = np.empty(row, dtype=np.int32)
+    hist = np.empty((4, _RADIX), dtype=np.int32)
+    mask = np.uint32(_RADIX - 1)
+    nan = np.uint32(0x7FC00000)
+    for r in range(n_rows):
+        s = r * row
+        hist[:] = 0
+        for j in range(row):
+            b = np.float32(abs(x[s + j] - base[s + j])).view(np.uint32)
+            b = nan if b > np.uint32(0x7F800000) else b
+            k = row - 1 - j
+            bits[k] = b
+            index[k] = j
+            hist[0, b & mask] += 1
+            hist[1, (b >> np.uint32(8)) & mask] += 1
+            hist[2, (b >> np.uint32(16)) & mask] += 1
+            hist[3, b >> np.uint32(24)] += 1
+        for d in range(4):
+            shift = np.uint32(8 * d)
+            h = hist[d]
+            if h[(bits[0] >> shift) & mask] == row:
+                continue  # one digit across the row: this pass would not move anything
+            total = 0
+            for v in range(_RADIX):
+                c = h[v]
+                h[v] = total
+                total += c
+            for k in range(row):
+                b = bits[k]
+                v = (b >> shift) & mask
+                p = h[v]
+                h[v] = p + 1
+                bits_to[p] = b
+                index_to[p] = index[k]
+            bits, bits_to = bits_to, bits
+            index, index_to = index_to, index
+        for p in range(row):
+            j = index[p]
+            keep[s + j] = uniform_at(key, offset + s + j) < table[p]
