@@ -343,3 +343,75 @@ def magprune_keep(base, x, row, table, key, offset, keep):
         for p in range(row):
             j = index[p]
             keep[s + j] = uniform_at(key, offset + s + j) < table[p]
+
+
+@_jit
+def stock_sums(base, xs, row, acc):
+    """Model Stock's sums over each flat row of `row` elements: acc[r] += the dot products of the offsets
+    o_i = xs[i] - base (float32, widened) for the pairs i < j in order, then their squared norms. float64 products
+    of float32 values are exact; each sum adds them one element after another, so a row cut into consecutive
+    calls (the accumulators carried) gives the same sums as one call. Four sums run side by side per loop (their
+    additions overlap; one sum alone waits on each addition)."""
+    n_models = len(xs)
+    n_rows = base.shape[0] // row
+    n_sums = n_models * (n_models - 1) // 2 + n_models
+    left = np.empty(n_sums, dtype=np.int64)
+    right = np.empty(n_sums, dtype=np.int64)
+    p = 0
+    for i in range(n_models):
+        for k in range(i + 1, n_models):
+            left[p], right[p] = i, k
+            p += 1
+    for i in range(n_models):
+        left[p + i], right[p + i] = i, i
+    o = np.empty((n_models, _CHUNK), dtype=np.float64)
+    last = n_sums - 1
+    for r in range(n_rows):
+        a = acc[r]
+        for s in range(r * row, (r + 1) * row, _CHUNK):
+            m = min((r + 1) * row, s + _CHUNK) - s
+            for i in range(n_models):
+                x = xs[i]
+                oi = o[i]
+                for k in range(m):
+                    oi[k] = np.float64(x[s + k] - base[s + k])
+            for g in range(0, n_sums, 4):
+                g1, g2, g3 = min(g + 1, last), min(g + 2, last), min(g + 3, last)  # past the end: a repeat
+                l0, r0, l1, r1 = o[left[g]], o[right[g]], o[left[g1]], o[right[g1]]
+                l2, r2, l3, r3 = o[left[g2]], o[right[g2]], o[left[g3]], o[right[g3]]
+                s0, s1, s2, s3 = a[g], a[g1], a[g2], a[g3]
+                for k in range(m):
+                    s0 += l0[k] * r0[k]
+                    s1 += l1[k] * r1[k]
+                    s2 += l2[k] * r2[k]
+                    s3 += l3[k] * r3[k]
+                a[g] = s0
+                if g + 1 <= last:
+                    a[g1] = s1
+                if g + 2 <= last:
+                    a[g2] = s2
+                if g + 3 <= last:
+                    a[g3] = s3
+
+
+@_jit
+def stock_out(base, xs, row, t, out):
+    """Model Stock's result over flat rows of `row` elements: lerp(base, mean of xs, t[r]) per row r in float32,
+    as torch.lerp's formula (base + t*(mean - base) for t < 0.5, else mean - (mean - base)*(1 - t): exactly the
+    base at t = 0 and the mean at t = 1); the mean sums models in order from 0 and divides by their count."""
+    n_models = len(xs)
+    n_rows = base.shape[0] // row
+    count = np.float32(n_models)
+    one = np.float32(1.0)
+    for r in range(n_rows):
+        tr = t[r]
+        low = tr < np.float32(0.5)
+        rest = one - tr
+        for j in range(r * row, (r + 1) * row):
+            total = np.float32(0.0)
+            for i in range(n_models):
+                total += xs[i][j]
+            mean = total / count
+            b = base[j]
+            diff = mean - b
+            out[j] = b + tr * diff if low else mean - diff * rest
