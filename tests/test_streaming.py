@@ -1,4 +1,5 @@
-"""Large tensors merged in row blocks (rowwise methods) or two phases (GTA stream) give the same bits as whole."""
+"""Large tensors merged in row blocks (rowwise methods) or passes over row blocks (GTA family, model_stock) give
+the same bits as whole."""
 
 from __future__ import annotations
 
