@@ -24,10 +24,11 @@ import mergelib.merging.plan
 from mergelib.merging.device import DeviceError, Placement, resolve_placement
 from mergelib.merging.rng import generator_for
 from mergelib.methods import REGISTRY, MethodInputs, fused, torch_kernels
+from mergelib.methods.gta import SPECS as GTA_SPECS
 from tests.test_all_methods_e2e import recipe_for
 
 BIN = Path(sys.executable).parent
-GTA = [name for name, spec in REGISTRY.items() if spec.stream is not None]
+GTA = [spec.name for spec in GTA_SPECS]  # the generalized task arithmetic family
 
 
 def shard_digests(root: Path) -> dict[str, str]:

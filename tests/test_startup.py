@@ -26,6 +26,8 @@ def _run(code: str, *args: str, env: dict | None = None) -> subprocess.Completed
 
 def _recipe(family, method: str, path: Path) -> Path:
     params = {"weight": 0.5} if method == "linear" else {"weight": 0.5, "density": 0.5}
+    if method == "model_stock":
+        params = {}
     if method.startswith("della"):
         params["epsilon"] = 0.1
     recipe = {"merge_method": method, "out_dtype": "bfloat16",
@@ -131,7 +133,7 @@ def test_no_kernel_compiles_after_warm_kernels(tiny_family, tmp_path):
     bf16 = make_family(tmp_path / "bf16", size="tiny", n_finetunes=3, seed=1, dtype=torch.bfloat16)
     fp16 = make_family(tmp_path / "fp16", size="tiny", n_finetunes=2, seed=2, dtype=torch.float16)
     recipes = [str(_recipe(family, method, tmp_path / f"{method}-{k}.yml"))
-               for k, family in enumerate((tiny_family, bf16, fp16)) for method in ("linear", *GTA)]
+               for k, family in enumerate((tiny_family, bf16, fp16)) for method in ("linear", *GTA, "model_stock")]
     after = _run(COMPILES_DURING, str(tmp_path), *recipes, env=env)
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout.strip().splitlines()[-1]) == {}

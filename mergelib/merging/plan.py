@@ -100,8 +100,9 @@ class TensorJob:
         per_block = block * 4 * (n_inputs + WORK_FACTOR)
         if self.mode == "rows":
             return per_block + block * self.dtype.itemsize
-        if self.mode == "stream":  # a per-row-ranked |task vector| and its mask (DELLA), the kept input blocks
-            held = self.numel * (4 * 3 + len(self.sources)) + (self.numel * 4 * n_inputs if self.cached else 0)
+        if self.mode == "stream":  # the members a rank selection collects (TIES, Breadcrumbs: a few bytes an element),
+            # DELLA's block masks (a byte an element per model), the kept input blocks
+            held = self.numel * (4 + len(self.sources)) + (self.numel * 4 * n_inputs if self.cached else 0)
             return held + per_block
         return self.numel * 4 * (n_inputs + WORK_FACTOR) + self.read_bytes
 

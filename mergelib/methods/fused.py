@@ -3,7 +3,8 @@
 A chain of torch ops costs a full memory pass and a fresh output buffer per op (on this class of machine, the
 page faults of a fresh buffer cost more than the op). These kernels fuse the whole chain for one block of
 elements: linear sums, the generalized task arithmetic family (keep rules, L1 rescale, sign election,
-normalisation, lambda) and the statistics its tensor-wide selections need (radix histograms of |delta|). Each
+normalisation, lambda), the statistics its tensor-wide selections need (radix histograms of |delta|) and
+DELLA's per-row ranks (a radix sort of each row). Each
 is plain float32 arithmetic in a fixed order (no fastmath: no reassociation, no FMA contraction), so a block
 gives the same bits wherever it starts and whichever thread runs it. Arrays are flat and C-contiguous; the model
 inputs of a block are one [n_models, elements] array. Inputs are float32, or the stored 16-bit values themselves
@@ -350,3 +351,134 @@ def gta_block(base, xs, offset, kind, lo_cut, lo_tie, hi_cut, hi_tie, key, prob,
             t = total[j] / div[j] if normalize else total[j]
             t = t * lam if lam != 1 else t
             out[s + j] = widen(b[j]) + t
+
+
+_RADIX_BITS = 8
+_RADIX = 1 << _RADIX_BITS
+
+
+@_jit
+def magprune_keep(base, x, row, table, key, offset, keep):
+    """DELLA's MAGPRUNE keep mask of flat rows of `row` elements: keep[j] = uniform_at(key, offset + j) <
+    table[rank], rank the ascending place of |x[j] - base[j]| within its row, equal magnitudes ranking the lower
+    index higher (`masks.magprune_probabilities`, which sorts; the ranks here are the same, by an exact sort).
+
+    Per row: a stable LSD radix sort of the float32 bit patterns (non-negative, so their unsigned order is the
+    float order; every NaN is given one pattern, above inf, so NaNs tie) in four 8-bit passes, starting from
+    descending index order so that ties keep the lower index later; passes whose digit is the same across the row
+    are skipped. O(row) per row, whatever the values."""
+    n_rows = base.shape[0] // row
+    bits = np.empty(row, dtype=np.uint32)
+    index = np.empty(row, dtype=np.int32)
+    bits_to = np.empty(row, dtype=np.uint32)
+    index_to = np.empty(row, dtype=np.int32)
+    hist = np.empty((4, _RADIX), dtype=np.int32)
+    mask = np.uint32(_RADIX - 1)
+    nan = np.uint32(0x7FC00000)
+    for r in range(n_rows):
+        s = r * row
+        hist[:] = 0
+        for j in range(row):
+            b = np.float32(abs(x[s + j] - base[s + j])).view(np.uint32)
+            b = nan if b > np.uint32(0x7F800000) else b
+            k = row - 1 - j
+            bits[k] = b
+            index[k] = j
+            hist[0, b & mask] += 1
+            hist[1, (b >> np.uint32(8)) & mask] += 1
+            hist[2, (b >> np.uint32(16)) & mask] += 1
+            hist[3, b >> np.uint32(24)] += 1
+        for d in range(4):
+            shift = np.uint32(8 * d)
+            h = hist[d]
+            if h[(bits[0] >> shift) & mask] == row:
+                continue  # one digit across the row: this pass would not move anything
+            total = 0
+            for v in range(_RADIX):
+                c = h[v]
+                h[v] = total
+                total += c
+            for k in range(row):
+                b = bits[k]
+                v = (b >> shift) & mask
+                p = h[v]
+                h[v] = p + 1
+                bits_to[p] = b
+                index_to[p] = index[k]
+            bits, bits_to = bits_to, bits
+            index, index_to = index_to, index
+        for p in range(row):
+            j = index[p]
+            keep[s + j] = uniform_at(key, offset + s + j) < table[p]
+
+
+@_jit
+def stock_sums(base, xs, row, acc):
+    """Model Stock's sums over each flat row of `row` elements: acc[r] += the dot products of the offsets
+    o_i = xs[i] - base (float32, widened) for the pairs i < j in order, then their squared norms. float64 products
+    of float32 values are exact; each sum adds them one element after another, so a row cut into consecutive
+    calls (the accumulators carried) gives the same sums as one call. Four sums run side by side per loop (their
+    additions overlap; one sum alone waits on each addition)."""
+    n_models = len(xs)
+    n_rows = base.shape[0] // row
+    n_sums = n_models * (n_models - 1) // 2 + n_models
+    left = np.empty(n_sums, dtype=np.int64)
+    right = np.empty(n_sums, dtype=np.int64)
+    p = 0
+    for i in range(n_models):
+        for k in range(i + 1, n_models):
+            left[p], right[p] = i, k
+            p += 1
+    for i in range(n_models):
+        left[p + i], right[p + i] = i, i
+    o = np.empty((n_models, _CHUNK), dtype=np.float64)
+    last = n_sums - 1
+    for r in range(n_rows):
+        a = acc[r]
+        for s in range(r * row, (r + 1) * row, _CHUNK):
+            m = min((r + 1) * row, s + _CHUNK) - s
+            for i in range(n_models):
+                x = xs[i]
+                oi = o[i]
+                for k in range(m):
+                    oi[k] = np.float64(x[s + k] - base[s + k])
+            for g in range(0, n_sums, 4):
+                g1, g2, g3 = min(g + 1, last), min(g + 2, last), min(g + 3, last)  # past the end: a repeat
+                l0, r0, l1, r1 = o[left[g]], o[right[g]], o[left[g1]], o[right[g1]]
+                l2, r2, l3, r3 = o[left[g2]], o[right[g2]], o[left[g3]], o[right[g3]]
+                s0, s1, s2, s3 = a[g], a[g1], a[g2], a[g3]
+                for k in range(m):
+                    s0 += l0[k] * r0[k]
+                    s1 += l1[k] * r1[k]
+                    s2 += l2[k] * r2[k]
+                    s3 += l3[k] * r3[k]
+                a[g] = s0
+                if g + 1 <= last:
+                    a[g1] = s1
+                if g + 2 <= last:
+                    a[g2] = s2
+                if g + 3 <= last:
+                    a[g3] = s3
+
+
+@_jit
+def stock_out(base, xs, row, t, out):
+    """Model Stock's result over flat rows of `row` elements: lerp(base, mean of xs, t[r]) per row r in float32,
+    as torch.lerp's formula (base + t*(mean - base) for t < 0.5, else mean - (mean - base)*(1 - t): exactly the
+    base at t = 0 and the mean at t = 1); the mean sums models in order from 0 and divides by their count."""
+    n_models = len(xs)
+    n_rows = base.shape[0] // row
+    count = np.float32(n_models)
+    one = np.float32(1.0)
+    for r in range(n_rows):
+        tr = t[r]
+        low = tr < np.float32(0.5)
+        rest = one - tr
+        for j in range(r * row, (r + 1) * row):
+            total = np.float32(0.0)
+            for i in range(n_models):
+                total += xs[i][j]
+            mean = total / count
+            b = base[j]
+            diff = mean - b
+            out[j] = b + tr * diff if low else mean - diff * rest

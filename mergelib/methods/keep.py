@@ -6,8 +6,8 @@ a narrow window of values around the cut, the pass counts the values above the w
 (a few percent), and the k-th largest among them is exact. When the sample misplaces the window, an exact radix
 select on the float32 bits runs instead: a histogram of the 16-bit high digits, then the members of the bucket
 holding the cut (or, for a bucket too large to collect, a low-digit histogram and a scan for the tie limit).
-DARE's random drop is a key into a counter-based uniform stream (`fused.uniform_at`); DELLA's per-row ranks need
-the whole |delta| and give an explicit mask.
+DARE's random drop is a key into a counter-based uniform stream (`fused.uniform_at`); DELLA's per-row ranks are
+decided per block by a radix sort of each row (`fused.magprune_keep`), into a mask held for the passes.
 """
 
 from __future__ import annotations
@@ -163,12 +163,9 @@ class RuleArrays:
 
     def _decide_ranked(self, start: int, end: int, base: np.ndarray, xs: tuple[np.ndarray, ...]) -> np.ndarray:
         masks = np.zeros((len(self.ranked), end - start), dtype=np.bool_)
-        draws = np.empty(end - start, dtype=np.float32)
         for r, (i, rule) in enumerate(self.ranked.items()):
-            magnitude = torch.from_numpy(np.abs(xs[i] - base)).view(-1, rule.row)
-            probability = masks_module.magprune_probabilities(magnitude, rule.density, rule.epsilon)
-            fused.fill_uniform(rule.key, start, draws)
-            masks[r] = draws < probability.reshape(-1).numpy()
+            table = masks_module.magprune_table(rule.row, rule.density, rule.epsilon).numpy()
+            fused.magprune_keep(base, xs[i], rule.row, table, rule.key, start, masks[r])
         return masks
 
     def args(self, start: int, end: int, base: np.ndarray | None = None,

@@ -47,6 +47,12 @@ def _signatures() -> list[tuple[object, tuple]]:
             idx = np.zeros(4, dtype=index)
             out.append((fused.window_members, (base, xs, i64, f32, f32, 0, i64, i64, i64, i64, idx, f32)))
             out.append((fused.bucket_members, (base, xs, i64, i64, 0, i64, i64, idx, np.zeros(4, dtype=np.uint16))))
+    rows = np.zeros((2, 4), dtype=np.float32)  # float32 inputs only: DELLA's ranks and Model Stock widen first
+    out += [
+        (fused.magprune_keep, (f32, rows[0], 4, f32, 0, 0, np.zeros((2, 4), dtype=np.bool_)[0])),
+        (fused.stock_sums, (f32, rows, 4, np.zeros((1, 3), dtype=np.float64))),
+        (fused.stock_out, (f32, rows, 4, np.zeros((1, 1), dtype=np.float32), f32)),
+    ]
     for n in range(1, LINEAR_MODELS + 1):
         out.append((fused.weighted_sum, ((f32,) * n, f32, np.float32(1), f32)))
     return out

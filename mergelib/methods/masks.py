@@ -4,8 +4,8 @@ whole-tensor L1 rescale. Selections rank |delta| with ties broken by flat index 
 so the same tensor always gives the same mask. Random masks draw only from the generator they are given.
 
 These are the whole-tensor forms of the rules. Merges apply them over row blocks in the fused kernels
-(`mergelib.methods.keep`, `mergelib.methods.fused`); the tests hold those to the masks here, and DELLA's
-per-row MAGPRUNE probabilities are computed here.
+(`mergelib.methods.keep`, `mergelib.methods.fused`); the tests hold those to the masks here. DELLA's per-row
+MAGPRUNE probability table is defined here, and ranked here by a sort (the fused kernel ranks without one).
 """
 
 from __future__ import annotations
@@ -94,16 +94,23 @@ def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return n_keep, min(n_top, n - n_keep)
 
 
+def magprune_table(n: int, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MAGPRUNE keep probability of each ascending rank r in a row of n: (density - eps) + 2*eps*r/(n-1)
+    in float64, rounded to float32 ([n]; a one-element row gets density)."""
+    ranks = torch.arange(n, dtype=torch.float64)
+    rank_hat = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + 2 * epsilon * rank_hat).to(torch.float32)
+
+
 def magprune_probabilities(magnitude_rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA MAGPRUNE keep probabilities of [R, n] rows of |delta|: p = (density - eps) + 2*eps*rank_hat,
-    rank_hat = rank/(n-1) in [0, 1] ranking |delta| ascending within each row, ties to the lower index (a
-    one-element row gets p = density). Each row on its own: any block of whole rows gives the same values."""
+    """DELLA MAGPRUNE keep probabilities of [R, n] rows of |delta|: `magprune_table` at the rank of |delta|
+    ascending within each row, ties to the lower index (the higher rank). Each row on its own: any block of whole
+    rows gives the same values. (The CPU merge ranks in `fused.magprune_keep`; this sort is its reference and
+    the torch kernels' path.)"""
     n = magnitude_rows.shape[-1]
     # Position j in a descending stable sort has ascending rank n-1-j: ties give the lower index the higher rank.
     order = torch.sort(magnitude_rows, dim=-1, descending=True, stable=True).indices  # [R, n] int64
-    positions = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=magnitude_rows.device)
-    rank_hat = positions / (n - 1) if n > 1 else torch.full_like(positions, 0.5)
-    p_by_position = ((density - epsilon) + 2 * epsilon * rank_hat).to(torch.float32)  # [n]
+    p_by_position = magprune_table(n, density, epsilon).flip(0).to(magnitude_rows.device)  # [n]
     return torch.empty_like(magnitude_rows).scatter_(-1, order, p_by_position.expand_as(magnitude_rows))
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergelib.methods import fused, keep
+from mergelib.methods import masks as masks_module
 from mergelib.methods.select import top_k_mask
 
 
@@ -116,3 +117,75 @@ def test_window_missing_the_cut_falls_back_to_the_exact_select(monkeypatch):
     want = top_k_mask((models[0] - base).reshape(-1).abs(), k)
     nonzero = (models[0] - base).reshape(-1) != 0
     assert (torch.from_numpy(masks_of(blocks, arrays)[0]) & nonzero).tolist() == (want & nonzero).tolist()
+
+
+# ---- DELLA's per-row MAGPRUNE ranks (fused.magprune_keep) ----
+
+
+def sorted_keep(base, x, row, density, epsilon, key, offset):
+    """The MAGPRUNE mask written another way: per row, Python's sort of (|delta|, -index) ascending gives
+    each element's rank; keep where the draw at its flat index is below the float32 probability of that rank."""
+    magnitude = (x - base).abs().reshape(-1, row).double()
+    magnitude = torch.where(magnitude.isnan(), torch.inf, magnitude)  # NaN ranks above everything (ties among NaNs)
+    nan = (x - base).isnan().reshape(-1, row)
+    keys = torch.stack([torch.where(nan, 1.0, 0.0), magnitude], dim=-1)
+    out = np.empty(magnitude.numel(), dtype=np.bool_)
+    for r in range(magnitude.shape[0]):
+        pairs = [(tuple(keys[r, j].tolist()), -j) for j in range(row)]
+        order = sorted(range(row), key=lambda j: pairs[j])  # ascending; equal |delta|: higher index first
+        for rank, j in enumerate(order):
+            p = (density - epsilon) + 2 * epsilon * (rank / (row - 1) if row > 1 else 0.5)
+            flat = r * row + j
+            out[flat] = fused.uniform_at(key, offset + flat) < np.float32(p)
+    return out
+
+
+def tie_heavy(rows, row, seed, levels):
+    """Rows whose |delta| take a handful of values (many equal, many zeros, opposite signs of equal size)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, row, generator=g)
+    base = base.to(torch.bfloat16).float()
+    steps = torch.randint(-levels, levels + 1, (rows, row), generator=g).float() / 16
+    return base.reshape(-1).contiguous(), (base + steps).to(torch.bfloat16).float().reshape(-1).contiguous()
+
+
+@pytest.mark.parametrize("rows,row,levels", [(7, 1, 3), (5, 2, 1), (6, 33, 2), (3, 300, 0), (4, 257, 5),
+                                             (2, 1000, 40)])
+def test_magprune_ranks_equal_a_plain_sort_with_ties(rows, row, levels):
+    base, x = tie_heavy(rows, row, seed=rows * row + levels, levels=levels)
+    density, epsilon, key, offset = 0.45, 0.3, 987654321, 12345
+    table = masks_module.magprune_table(row, density, epsilon).numpy()
+    got = np.empty(base.numel(), dtype=np.bool_)
+    fused.magprune_keep(base.numpy(), x.numpy(), row, table, key, offset, got)
+    assert np.array_equal(got, sorted_keep(base, x, row, density, epsilon, key, offset))
+
+
+def test_magprune_ranks_with_nan_inf_zero_and_wide_exponents():
+    """Every float32 digit differs across the row (so every radix pass runs), with NaNs, infinities and zeros."""
+    g = torch.Generator().manual_seed(3)
+    row = 64
+    base = torch.zeros(4 * row)
+    x = torch.randn(4 * row, generator=g) * torch.exp2(torch.randint(-60, 60, (4 * row,), generator=g).float())
+    x[::9] = 0.0
+    x[5::17] = float("nan")
+    x[7::23] = float("inf")
+    x[8::23] = -float("inf")
+    x[3::31] = x[4::31][: len(x[3::31])]  # equal magnitudes at distant exponents
+    table = masks_module.magprune_table(row, 0.5, 0.4).numpy()
+    got = np.empty(x.numel(), dtype=np.bool_)
+    fused.magprune_keep(base.numpy(), x.numpy(), row, table, 5, 0, got)
+    assert np.array_equal(got, sorted_keep(base, x, row, 0.5, 0.4, 5, 0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), row=st.integers(1, 40), rows=st.integers(1, 6), levels=st.integers(0, 6))
+def test_magprune_keep_equals_the_sorting_probabilities(seed, row, rows, levels):
+    """The kernel against `masks.magprune_probabilities` (torch's stable sort: the torch kernels' path)."""
+    base, x = tie_heavy(rows, row, seed, levels)
+    table = masks_module.magprune_table(row, 0.5, 0.2).numpy()
+    got = np.empty(base.numel(), dtype=np.bool_)
+    fused.magprune_keep(base.numpy(), x.numpy(), row, table, seed, 7, got)
+    probability = masks_module.magprune_probabilities((x - base).abs().view(-1, row), 0.5, 0.2)
+    draws = np.empty(base.numel(), dtype=np.float32)
+    fused.fill_uniform(seed, 7, draws)
+    assert np.array_equal(got, draws < probability.reshape(-1).numpy())

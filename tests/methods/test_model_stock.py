@@ -1,17 +1,20 @@
-"""model_stock against a per-element loop reference of the paper's formula, golden values and properties."""
+"""model_stock against a per-element loop reference of the paper's formula, golden values and properties; streamed
+over row blocks it gives the whole-tensor bits."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from mergelib.methods.base import MethodInputs, NoParams
-from mergelib.methods.model_stock import SPECS, ModelStockParams, interpolation_ratio, merge
+from mergelib.methods import fused, torch_kernels
+from mergelib.methods.base import MethodInputs, NoParams, StreamInputs
+from mergelib.methods.model_stock import SPECS, ModelStockParams, _sums_torch, interpolation_ratio, merge, toward_mean
 
 SHAPES = [(1,), (3,), (2, 3), (4, 5), (2, 2, 3)]
 
@@ -172,3 +175,82 @@ def test_parameters_and_spec():
     (spec,) = SPECS
     assert (spec.name, spec.base, spec.min_models, spec.max_models) == ("model_stock", "required", 2, None)
     assert spec.params is ModelStockParams and spec.paper == "https://arxiv.org/abs/2403.19522"
+
+
+# ---- streamed over row blocks, and the torch kernels' path ----
+
+
+def streamed(base, tensors, chunk, filter_wise):
+    """`stream` over row blocks of `chunk` rows (every block read afresh, as the engine re-reads)."""
+    out = torch.full(base.shape, float("nan"))
+    inputs = {-1: base, **dict(enumerate(tensors))}
+
+    def emit(start, rows):
+        out[start : start + rows.shape[0]] = rows
+
+    (spec,) = SPECS
+    spec.stream(StreamInputs(tuple(base.shape), len(tensors), lambda i, a, b: inputs[i][a:b].clone(), emit,
+                             tuple(NoParams() for _ in tensors), "w", None, chunk),
+                ModelStockParams(filter_wise=filter_wise))
+    return out
+
+
+@pytest.mark.parametrize("shape,chunk", [((13, 7), 3), ((40, 5), 40), ((9, 2, 3), 4), ((1000,), 7), ((6, 1), 1),
+                                         ((3, 4096), 2)])
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_stream_equals_whole_bit_for_bit(shape, chunk, n, filter_wise):
+    g = torch.Generator().manual_seed(n * 100 + chunk)
+    base = torch.randn(shape, generator=g)
+    common = torch.randn(shape, generator=g)
+    # bf16-rounded fine-tunes (many equal offsets), some rows left at the base, magnitudes over many exponents
+    tensors = [(base + common + torch.randn(shape, generator=g) * 10.0 ** torch.randint(-4, 2, shape, generator=g))
+               .to(torch.bfloat16).float() for _ in range(n)]
+    tensors[0].view(-1)[: shape[-1]] = base.view(-1)[: shape[-1]]
+    whole = run(base, *tensors, filter_wise=filter_wise)
+    assert torch.equal(streamed(base, tensors, chunk, filter_wise).view(torch.int32), whole.view(torch.int32))
+    torch.testing.assert_close(whole.double(), reference(base, tensors, filter_wise), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_torch_kernels_agree_with_the_numba_kernels(filter_wise):
+    """The device path (torch ops): the same result step (bit for bit given the same t), sums equal up to their
+    order, so the merges agree within float32 rounding of t."""
+    base, common, *noise = randoms(5, (17, 33), 5)
+    tensors = [base + common + x for x in noise]
+    w0 = base
+    sums = np.zeros((17 if filter_wise else 1, 3 + 3), dtype=np.float64)  # 3 pairs, 3 norms
+    xs = tuple(x.reshape(-1).numpy() for x in tensors)
+    fused.stock_sums(base.reshape(-1).numpy(), xs, 33 if filter_wise else 17 * 33, sums)
+    rows = (lambda x: x) if filter_wise else (lambda x: x.reshape(1, -1))
+    torch.testing.assert_close(_sums_torch(rows(w0), [rows(x) for x in tensors]), torch.from_numpy(sums),
+                               rtol=1e-12, atol=1e-12)
+    t = torch.rand(sums.shape[0], generator=torch.Generator().manual_seed(1))
+    if filter_wise:
+        t[:3] = torch.tensor([0.0, 0.5, 1.0])  # both lerp branches and their ends
+    out = np.empty(17 * 33, dtype=np.float32)
+    fused.stock_out(base.reshape(-1).numpy(), xs, 33 if filter_wise else 17 * 33, t.numpy(), out)
+    by_torch = toward_mean(rows(w0), [rows(x) for x in tensors], t.unsqueeze(-1)).reshape(-1)
+    assert torch.equal(by_torch.view(torch.int32), torch.from_numpy(out).view(torch.int32))
+    with torch_kernels.forced():
+        on_torch = run(base, *tensors, filter_wise=filter_wise)
+    torch.testing.assert_close(on_torch, run(base, *tensors, filter_wise=filter_wise), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cuts", [[1], [3, 50, 51], [400, 401, 999]])
+def test_sums_carried_across_cuts_are_the_sums_of_one_call(cuts):
+    """The float64 sums (not only the float32 t they round to) do not depend on where the blocks are cut."""
+    base, *tensors = randoms(9, (1000,), 4)
+    xs = [x * 10.0 ** torch.randint(-6, 6, (1000,), generator=torch.Generator().manual_seed(2)) for x in tensors]
+    whole = np.zeros((1, 6), dtype=np.float64)
+    fused.stock_sums(base.numpy(), tuple(x.numpy() for x in xs), 1000, whole)
+    carried = np.zeros((1, 6), dtype=np.float64)
+    for a, b in zip([0, *cuts], [*cuts, 1000]):
+        fused.stock_sums(base[a:b].numpy(), tuple(x[a:b].numpy() for x in xs), b - a, carried)
+    assert whole.tobytes() == carried.tobytes()
+    pairwise = np.zeros((1, 6), dtype=np.float64)  # a different order: partial sums added afterwards
+    for a, b in zip([0, *cuts], [*cuts, 1000]):
+        part = np.zeros((1, 6), dtype=np.float64)
+        fused.stock_sums(base[a:b].numpy(), tuple(x[a:b].numpy() for x in xs), b - a, part)
+        pairwise += part
+    np.testing.assert_allclose(pairwise, whole, rtol=1e-12)
