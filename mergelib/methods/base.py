@@ -102,6 +102,9 @@ class MethodSpec:
     # Whether the torch kernels (GPU, `--device cuda`) give the same bytes as the CPU: elementwise float32 in a
     # fixed order. Methods with reductions (norms, dot products, SVDs) agree within 1e-6 relative instead.
     device_exact: bool = False
+    # Trims by one magnitude cut per input model over all its tensors (TIES as published): before any tensor is
+    # merged, a pre-pass over every task vector (`mergelib.merging.global_pass`) sets each per-model `kept`.
+    global_top_k: bool = False
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised
