@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=None, help="tier a: tasks (default: digits.BENCH_TASKS)")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: every one)")
+    parser.add_argument("--family", type=Path, default=None, help="tier b: the demo family (default models/demo)")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="default reports/behaviour[_b].json")
     parser.add_argument("--plot", type=Path, default=None, help="default reports/behaviour[_b].png")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             from benchmarks.behaviour import tier_b
 
-            result = tier_b.run(args.seeds, work, args.methods)
+            result = tier_b.run(args.seeds, work, args.methods, args.family)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine_note"] = "measured on a shared 2-core machine under load; accuracies do not depend on it"
     out.parent.mkdir(parents=True, exist_ok=True)
