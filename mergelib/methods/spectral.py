@@ -91,8 +91,22 @@ def is_matrix(name: str, tensor: torch.Tensor) -> bool:
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthonormal polar factor P Q^T of matrix = P S Q^T: the nearest matrix with orthonormal columns/rows."""
-    p, _, q = torch.linalg.svd(matrix, full_matrices=False)
+    try:
+        p, _, q = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:  # LAPACK's divide and conquer did not converge: the Gram route instead
+        return polar_by_gram(matrix)
     return p @ q
+
+
+def polar_by_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """The polar factor as M (M^T M)^(-1/2) (wide M: (M M^T)^(-1/2) M), through a float64 eigendecomposition; the
+    fallback for matrices LAPACK's SVD fails on (seen on a 4096 x 4095 stack of randomized singular vectors)."""
+    m = matrix.double()
+    tall = m.shape[0] >= m.shape[1]
+    gram = m.T @ m if tall else m @ m.T
+    w, q = torch.linalg.eigh(gram)
+    inverse_root = (q * w.clamp(min=torch.finfo(torch.float64).tiny).rsqrt()) @ q.T
+    return (m @ inverse_root if tall else inverse_root @ m).to(matrix.dtype)
 
 
 def iso_c(taus: list[torch.Tensor]) -> torch.Tensor:

@@ -207,3 +207,11 @@ def test_randomized_merges_repeat_bit_for_bit_through_the_engine(tiny_family, tm
 def test_iso_c_takes_no_svd_parameter():
     with pytest.raises(ValueError, match="svd"):
         REGISTRY["iso_c"].params(svd="randomized")
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
+def test_the_polar_fallback_equals_the_svd_polar_factor(shape):
+    from mergelib.methods.spectral import polar, polar_by_gram
+
+    m = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(polar_by_gram(m), polar(m), rtol=0, atol=1e-5)
