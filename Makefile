@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-slow install install-llamacpp bench bench-search clean lock readme-figures
+.PHONY: demo test test-slow install install-llamacpp bench bench-search bench-behaviour clean lock readme-figures
 
 install: $(STAMP)
 
@@ -60,6 +60,12 @@ bench: $(STAMP)
 # Recipe-search throughput (serial vs 2 Ray workers) and the 3-seed demo goal; needs the demo family (make demo).
 bench-search: $(STAMP)
 	$(BIN)/python benchmarks/search_bench.py
+
+# Every merge method on fine-tuned digits MLPs (Tier A, 3 seeds, minutes): reports/behaviour.json and .png; then
+# `python tools/readme_figures.py --record behaviour`. Tier B (the demo LM family, needs `make demo`): TIER=b.
+TIER ?= a
+bench-behaviour: $(STAMP)
+	$(BIN)/python -m benchmarks.behaviour.run --tier $(TIER)
 
 # The README's measured tables from docs/figures/*.json (record new ones with `tools/readme_figures.py --record
 # demo` after `make demo`, `--record sweep` after `python -m stages.sweep`), and its file map from the docstrings.

@@ -1,4 +1,5 @@
-"""Time per weight matrix of the spectral methods (tsv, iso_c, iso_cts) against task arithmetic, one run (not a test).
+"""Time per weight matrix of the spectral methods (tsv, iso_c, iso_cts; tsv and iso_cts also with `svd: randomized`,
+and how far that moves the merged task vector from the exact one) against task arithmetic, one run (not a test).
 
 Each method merges one SIZE x SIZE float32 matrix from a base and T fine-tunes in this process, with torch's threads
 set to --threads (the engine runs each tensor on one thread and tensors in parallel; an SVD is the whole cost, so
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mergelib.merging.rng import generator_for
 from mergelib.methods import REGISTRY, MethodInputs
 from mergelib.methods.base import IgnoredWeight
 
@@ -23,16 +25,26 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME = "model.layers.0.mlp.up_proj.weight"
 
 
-def timed(method: str, base: torch.Tensor, fts: list[torch.Tensor]) -> float:
+CASES = (  # (row label, method, parameters)
+    ("task_arithmetic", "task_arithmetic", {}),
+    ("iso_c", "iso_c", {}),
+    ("iso_cts", "iso_cts", {}),
+    ("iso_cts (svd: randomized)", "iso_cts", {"svd": "randomized"}),
+    ("tsv", "tsv", {}),
+    ("tsv (svd: randomized)", "tsv", {"svd": "randomized"}),
+)
+
+
+def timed(method: str, params: dict, base: torch.Tensor, fts: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
     spec = REGISTRY[method]
     if method == "task_arithmetic":
         model_params = tuple(spec.model_params(weight=1.0) for _ in fts)
     else:
         model_params = tuple(IgnoredWeight() for _ in fts)
-    inputs = MethodInputs(tuple(fts), base, model_params, NAME)
+    inputs = MethodInputs(tuple(fts), base, model_params, NAME, generator_for(0, NAME) if spec.randomized else None)
     started = time.perf_counter()
-    spec.merge(inputs, spec.params())
-    return time.perf_counter() - started
+    out = spec.merge(inputs, spec.params(**params))
+    return time.perf_counter() - started, out
 
 
 def main() -> None:
@@ -46,13 +58,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     base = torch.randn(args.size, args.size, generator=g) * 0.02
     fts = [base + 0.001 * torch.randn(args.size, args.size, generator=g) for _ in range(args.tasks)]
-    rows = {}
-    for method in ("task_arithmetic", "iso_c", "iso_cts", "tsv"):
-        rows[method] = round(timed(method, base, fts), 2)
-        print(f"{method}: {rows[method]} s", flush=True)
+    rows, results, difference = {}, {}, {}
+    for label, method, params in CASES:
+        seconds, results[label] = timed(method, params, base, fts)
+        rows[label] = round(seconds, 2)
+        exact = results.get(method)
+        if params.get("svd") == "randomized" and exact is not None:  # how far the merged task vector moved
+            difference[label] = float(f"{float(torch.linalg.norm(results[label] - exact) / torch.linalg.norm(exact - base)):.3g}")
+        print(f"{label}: {rows[label]} s", flush=True)
     reference = rows["task_arithmetic"]
     report = {"size": args.size, "tasks": args.tasks, "threads": args.threads, "seconds": rows,
-              "ratio_to_task_arithmetic": {k: round(v / reference, 1) for k, v in rows.items()}}
+              "ratio_to_task_arithmetic": {k: round(v / reference, 1) for k, v in rows.items()},
+              "relative_difference_to_exact": difference}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

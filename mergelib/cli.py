@@ -202,6 +202,8 @@ def _param_lines(model, ignored: dict[str, str]) -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         label = field.alias or name
+        if field.exclude:  # set by the engine (a pre-pass), not by recipes
+            continue
         if label in ignored:
             out.append(f"{label} (accepted for mergekit recipes, ignored)")
             continue

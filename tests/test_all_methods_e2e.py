@@ -13,8 +13,8 @@ from mergelib.methods import REGISTRY
 CALIBRATION = Path(__file__).resolve().parents[1] / "conf" / "calibration" / "demo.jsonl"
 
 
-def test_the_registry_has_all_twenty_seven():
-    assert len(REGISTRY) == 27
+def test_the_registry_has_all_twenty_eight():
+    assert len(REGISTRY) == 28
 
 
 def recipe_for(spec, family) -> dict:

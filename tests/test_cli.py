@@ -62,13 +62,15 @@ def test_dry_run_prints_the_plan(tiny_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_methods_lists_all_twenty_seven():
+def test_methods_lists_all_twenty_eight():
     proc = run("methods")
     assert proc.returncode == 0
     names = [line.split(":")[0] for line in proc.stdout.splitlines() if line and not line.startswith(" ")]
-    assert len(names) == 27 and "dare_ties" in names and "iso_cts" in names and "regmean_plus_plus" in names
+    assert len(names) == 28 and "dare_ties" in names and "iso_cts" in names and "regmean_plus_plus" in names
+    assert "ties_paper" in names
     assert "needs calibration: gram statistics" in proc.stdout and "take the plain average" in proc.stdout
     assert "density (default 1.0)" in proc.stdout
+    assert "kept" not in proc.stdout  # ties_paper's per-tensor count is set by the engine's pre-pass, not listed
 
 
 @pytest.mark.parametrize(

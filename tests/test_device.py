@@ -93,7 +93,7 @@ def _gta_inputs(shape, seed, ties: bool):
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("rescale,normalize,lam", [(True, True, 1.0), (False, False, 0.7), (True, False, 1.3)])
 def test_gta_torch_kernels_give_the_numba_bits(name, ties, rescale, normalize, lam):
-    assert len(GTA) == 8
+    assert len(GTA) == 9
     spec = REGISTRY[name]
     base, fts = _gta_inputs((37, 53), len(name), ties)
     extra = {"epsilon": 0.05} if "della" in name else {}

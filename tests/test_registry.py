@@ -11,15 +11,15 @@ MERGEKIT_METHODS = {
     "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
     "della_linear", "nearswap", "sce", "ram", "ramplus_tl",
 }
-NOT_METHOD_MODULES = {"base", "fused", "keep", "masks", "select", "torch_kernels"}  # shared helpers, not methods
+NOT_METHOD_MODULES = {"base", "fused", "keep", "masks", "select", "torch_kernels", "global_topk"}  # shared helpers, not methods
 
 
-BEYOND_MERGEKIT = {"tsv", "iso_c", "iso_cts", "wudi", "regmean", "regmean_plus_plus", "fisher"}  # methods from the literature that mergekit does not ship
+BEYOND_MERGEKIT = {"tsv", "iso_c", "iso_cts", "wudi", "ties_paper", "regmean", "regmean_plus_plus", "fisher"}  # methods from the literature that mergekit does not ship
 
 
 def test_registry_has_mergekits_twenty_and_the_methods_beyond():
     assert set(REGISTRY) == MERGEKIT_METHODS | BEYOND_MERGEKIT
-    assert len(MERGEKIT_METHODS) == 20 and len(REGISTRY) == 27
+    assert len(MERGEKIT_METHODS) == 20 and len(REGISTRY) == 28
 
 
 def test_every_method_module_is_listed_once():

@@ -34,7 +34,7 @@ def model_params(spec, n):
 @pytest.mark.parametrize("shape,chunk", [((13, 7), 3), ((40, 5), 40), ((9, 2, 3), 4)])
 def test_stream_equals_whole(name, shape, chunk):
     spec = REGISTRY[name]
-    assert len(GTA) == 8
+    assert len(GTA) == 9
     base, fts = make_inputs(shape, 3, seed=len(name))
     mp = model_params(spec, 3)
     params = spec.params(rescale=True) if "ties" in name else spec.params()

@@ -3,7 +3,9 @@ docs/figures/NAME.json with the library versions it ran under (demo: reports/ af
 reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
 reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`;
 search: reports/search_bench.json after `make bench-search`; spectral: reports/spectral_bench.json after
-`benchmarks/spectral_bench.py`; startup: reports/startup_bench.json after `benchmarks/startup_bench.py`). With no argument (`make readme-figures`) every figures
+`benchmarks/spectral_bench.py`; startup: reports/startup_bench.json after `benchmarks/startup_bench.py`;
+behaviour and behaviour_b: reports/behaviour[_b].json and .png after `make bench-behaviour`). With no argument
+(`make readme-figures`) every figures
 block of README.md is re-rendered from those files; `--check` exits 1 when a block differs from its file.
 """
 
@@ -136,11 +138,62 @@ def _startup_table(d: dict) -> str:
 
 def _spectral_table(data: dict) -> str:
     size, tasks = data["size"], data["tasks"]
+    difference = data.get("relative_difference_to_exact", {})
     lines = [f"| method | s per {size}x{size} matrix ({tasks} task vectors, {data['threads']} thread) | "
-             "/ task_arithmetic |", "|---|---:|---:|"]
+             "/ task_arithmetic | merged task vector: relative difference to exact SVDs |", "|---|---:|---:|---:|"]
     for method, seconds in data["seconds"].items():
-        lines.append(f"| {method} | {seconds} | {data['ratio_to_task_arithmetic'][method]}x |")
+        lines.append(f"| {method} | {seconds} | {data['ratio_to_task_arithmetic'][method]}x | "
+                     f"{difference.get(method, '-')} |")
     return "\n".join(lines)
+
+
+def _record_behaviour(name: str) -> dict:
+    """The behavioural benchmark's summary, from reports/NAME.json (benchmarks/behaviour/run.py), its plot copied
+    beside it as docs/figures/NAME.png."""
+    import shutil
+
+    data = json.loads((REPO / "reports" / f"{name}.json").read_text())
+    shutil.copyfile(REPO / "reports" / f"{name}.png", FIGURES / f"{name}.png")
+    keep = ("tier", "tasks", "seeds", "settings", "left_out", "summary", "wall_s", "family")
+    out = {k: data[k] for k in keep if k in data}
+    if data.get("per_seed") and "ties_cut" in data["per_seed"][0]:
+        out["ties_cut"] = data["per_seed"][0]["ties_cut"]
+    return out
+
+
+def _parameters(setting: dict) -> str:
+    values = {**setting["parameters"], **setting["per_model"]}
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "defaults"
+
+
+def _behaviour_tables(name: str, data: dict) -> str:
+    seeds, summary = len(data["seeds"]), data["summary"]
+    rows = sorted((k for k in summary if not k.startswith("_")), key=lambda k: -summary[k]["normalised"]["mean"])
+    tasks = data["tasks"]
+    lines = [f"![normalised accuracy per method](docs/figures/{name}.png)", "",
+             f"| method | parameters | normalised accuracy, mean [min, max] over {seeds} seeds | "
+             + " | ".join(tasks) + " |", "|---|---|---:|" + "---:|" * len(tasks)]
+    for label in rows:
+        n = summary[label]["normalised"]
+        setting = data["settings"].get(label)
+        params = _parameters(setting) if setting else "-"
+        cells = " | ".join(f"{summary[label]['accuracy'][t]:.2f}" for t in tasks)
+        lines.append(f"| {label} | {params} | {n['mean']:.3f} [{n['min']:.3f}, {n['max']:.3f}] | {cells} |")
+    notes = []
+    if "_init" in summary:
+        init = summary["_init"]
+        notes.append(f"Averaging two fine-tunes (heads included): of one pre-trained model "
+                     f"{init['same_init']['mean']:.3f}, of two independently initialised ones "
+                     f"{init['independent_init']['mean']:.3f} normalised accuracy (mean over seeds).")
+    if "ties_cut" in data:
+        shares = ", ".join(f"`{k}` {v:.1%}" for k, v in data["ties_cut"].items())
+        notes.append(f"Share of each tensor `ties_paper` keeps at density 0.2 (seed {data['seeds'][0]}, mean over the "
+                     f"fine-tunes; `ties` keeps 20% of every tensor): {shares}.")
+    if data.get("left_out"):
+        notes.append("Left out: " + "; ".join(f"`{k}` ({v})" for k, v in data["left_out"].items()) + ".")
+    notes.append(f"Per-task columns: mean accuracy over seeds. Whole run: {data.get('wall_s', '-')} s on a shared "
+                 "2-core machine under load.")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
 def _table(rows: list[list], bold: str | None = None) -> str:
@@ -193,6 +246,8 @@ def render(name: str, data: dict) -> str:
         text = _spectral_table(data)
     elif name == "startup":
         text = _startup_table(data)
+    elif name.startswith("behaviour"):
+        text = _behaviour_tables(name, data)
     else:
         raise SystemExit(f"docs/figures/{name}.json: no renderer for '{name}'")
     return f"{text}\n\n<sub>Measured with {versions} (`python tools/readme_figures.py --record {name}`).</sub>\n"
@@ -215,7 +270,9 @@ def main(argv: list[str]) -> int:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
                      "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray,
-                     "spectral": record_spectral, "startup": record_startup}
+                     "spectral": record_spectral, "startup": record_startup,
+                     "behaviour": lambda: _record_behaviour("behaviour"),
+                     "behaviour_b": lambda: _record_behaviour("behaviour_b")}
         if name not in recorders:
             print(f"--record: one of {', '.join(recorders)}, not '{name}'", file=sys.stderr)
             return 2

@@ -249,6 +249,10 @@ def execute(
     hashed and recorded. Returns the number of shards reused.
     """
     out_dir = Path(out_dir)
+    if plan.method.global_top_k:  # one magnitude cut per model over all its tensors: counted before any merge
+        from mergelib.merging.global_pass import with_kept_counts
+
+        plan = with_kept_counts(plan)
     kept = journal.verified() if journal is not None else set()
     reused = kept | (set(plan.shards) - set(shards) if shards is not None else set())  # not written here
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}

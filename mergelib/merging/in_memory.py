@@ -20,6 +20,7 @@ from mergelib.io.convert import to_float32
 from mergelib.merging.plan_tensors import ParamCache
 from mergelib.merging.rng import generator_for
 from mergelib.methods import MethodInputs, get_method
+from mergelib.methods.global_topk import kept_counts
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -70,7 +71,7 @@ def merge_state_dicts(
     layers = [layer_spec.layer_of(name) for name in names]
     n_layers = 1 + max((i for i in layers if i is not None), default=0)
     cache = ParamCache(spec)
-    out: dict[str, torch.Tensor] = {}
+    resolved: dict[str, tuple] = {}
     for name, layer in zip(names, layers):
         t = layer / (n_layers - 1) if layer is not None and n_layers > 1 else (1.0 if layer is not None else 0.0)
         global_values = param_values.resolve(cache.global_names, [parameters], name, t)
@@ -85,6 +86,12 @@ def merge_state_dicts(
                 spec.check(params, model_params)
             except ValueError as exc:
                 raise RecipeError(f"{spec.name} at tensor '{name}': {exc}") from None
+        resolved[name] = (params, model_params)
+    if spec.global_top_k:
+        resolved = _with_kept_counts(resolved, base_sd, inputs)
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        params, model_params = resolved[name]
         merged = spec.merge(
             MethodInputs(
                 tensors=tuple(_float32(sd[name], name) for sd in inputs),
@@ -100,6 +107,24 @@ def merge_state_dicts(
         target = dtype or lead[name].dtype
         out[name] = merged.to(target if target.is_floating_point else lead[name].dtype)
     return out
+
+
+def _with_kept_counts(resolved: dict[str, tuple], base: StateDict, inputs: list[StateDict]) -> dict[str, tuple]:
+    """Each model's share of its model-wide top-k per tensor (`MethodSpec.global_top_k`; see `global_topk`)."""
+    densities = [{mp[i].density for _, mp in resolved.values()} for i in range(len(inputs))]
+    for i, values in enumerate(densities):
+        if len(values) > 1:
+            raise RecipeError(f"density: model {i} needs one density over all its tensors (the trim is model-wide)")
+    size = sum(base[name].numel() for name in resolved)
+    ks = [int(next(iter(d)) * size) for d in densities]
+
+    def magnitudes(name: str):
+        b = _float32(base[name], name)
+        return ((i, (_float32(sd[name], name) - b).abs()) for i, sd in enumerate(inputs))
+
+    counts = kept_counts(list(resolved), ks, magnitudes)
+    return {name: (params, tuple(p.model_copy(update={"kept": counts[name][i]}) for i, p in enumerate(mp)))
+            for name, (params, mp) in resolved.items()}
 
 
 def _check_tensors(lead: StateDict, inputs: list[StateDict]) -> None:

@@ -117,6 +117,9 @@ class MethodSpec:
     # StreamInputs.read give them unwidened) and widens each element as its kernels read it: no widening pass,
     # half the bytes held between passes.
     reads_stored: bool = False
+    # Trims by one magnitude cut per input model over all its tensors (TIES as published): before any tensor is
+    # merged, a pre-pass over every task vector (`mergelib.merging.global_pass`) sets each per-model `kept`.
+    global_top_k: bool = False
 
 
 ZERO_SUM_RTOL = 1e-6  # a weight sum below this fraction of the sum of |weights| cannot be normalised

@@ -3,7 +3,8 @@
 Task arithmetic (arXiv:2212.04089), TIES (arXiv:2306.01708), DARE (arXiv:2311.03099), Model Breadcrumbs
 (arXiv:2312.06795), DELLA (arXiv:2406.11617). Names, parameters and defaults are mergekit's; `rescale` is
 mergekit's whole-tensor L1 rescale, not the DARE/DELLA papers' per-element 1/p (recipes expect mergekit's
-numbers). Breadcrumbs keeps the top values when the outlier count rounds to 0 (mergekit zeroes the tensor).
+numbers). `ties` is mergekit's (top-k per tensor, weighted); `ties_paper` is the paper's (one top-k over every
+tensor of each model, unweighted disjoint mean, density 0.2). Breadcrumbs keeps the top values when the outlier count rounds to 0 (mergekit zeroes the tensor).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ class DellaModelParams(GTAModelParams):
         return self
 
 
+class TiesPaperModelParams(GTAModelParams):
+    """TIES as published: density is the share kept over the whole model (the paper's k, 20% by default), weight
+    defaults to 1 (the paper's disjoint mean is unweighted). `kept` is set by the model-wide pre-pass
+    (`mergelib.methods.global_topk`), never by a recipe."""
+
+    weight: FiniteFloat = 1.0
+    density: float = Field(0.2, ge=0.0, le=1.0)
+    kept: int | None = Field(None, ge=0, exclude=True)  # internal: not listed by `mergelib methods`
+
+
 # A sparsifier decides how one model's task vector is thinned: a keep rule (see `mergelib.methods.keep`) from
 # its parameters, the tensor's size and the generator. Random rules draw their key here, in model order.
 Sparsifier = Callable[["keep.Blocks", int, GTAModelParams, "torch.Generator | None"], keep.Rule]
@@ -72,6 +83,12 @@ def _seeded(generator: torch.Generator | None) -> torch.Generator:
 
 def _magnitude(blocks: keep.Blocks, i: int, p: GTAModelParams, generator: torch.Generator | None) -> keep.Rule:
     return keep.Band(int(p.density * blocks.numel))  # mergekit's int(): floor; k = 0 keeps nothing
+
+
+def _global_magnitude(blocks: keep.Blocks, i: int, p: TiesPaperModelParams,
+                      generator: torch.Generator | None) -> keep.Rule:
+    """This tensor's share of the model-wide top-k; a tensor merged on its own is a model of one tensor."""
+    return keep.Band(p.kept if p.kept is not None else int(p.density * blocks.numel))
 
 
 def _random(blocks: keep.Blocks, i: int, p: GTAModelParams, generator: torch.Generator | None) -> keep.Rule:
@@ -203,6 +220,7 @@ def _spec(
     normalize: bool,
     rescale: bool,
     model_params: type[GTAModelParams] = GTAModelParams,
+    global_top_k: bool = False,
 ) -> MethodSpec:
     params = create_model(
         "".join(part.title() for part in name.split("_")) + "Params",
@@ -224,6 +242,7 @@ def _spec(
         min_models=1,
         randomized=sparsify in (_random, _magprune),
         ignored=_ignored(sparsify),
+        global_top_k=global_top_k,
         device_exact=True,  # torch_kernels: the same rules, draws and float32 order on any device
         reads_stored=True,  # the fused kernels widen bf16/fp16 as they read
     )
@@ -249,6 +268,9 @@ SPECS = (
           normalize=False, rescale=False),
     _spec("ties", "top-k magnitude trim, sign election, disjoint weighted mean", _TIES, _magnitude, True,
           normalize=True, rescale=False),
+    _spec("ties_paper", "TIES as published: top-k over the whole model, sign election, disjoint mean", _TIES,
+          _global_magnitude, True, normalize=True, rescale=False, model_params=TiesPaperModelParams,
+          global_top_k=True),
     _spec("dare_ties", "random drop with L1 rescale, then TIES sign election", _DARE, _random, True,
           normalize=False, rescale=True),
     _spec("dare_linear", "random drop with L1 rescale, then weighted sum", _DARE, _random, False,
