@@ -51,7 +51,7 @@ def _signatures() -> list[tuple[object, tuple]]:
     out += [
         (fused.magprune_keep, (f32, rows[0], 4, f32, 0, 0, np.zeros((2, 4), dtype=np.bool_)[0])),
         (fused.stock_sums, (f32, rows, 4, np.zeros((1, 3), dtype=np.float64))),
-        (fused.stock_out, (f32, rows, 4, np.zeros((1, 1), dtype=np.float32), f32)),
+        (fused.stock_out, (f32, rows, 4, np.zeros(1, dtype=np.float32), f32)),
     ]
     for n in range(1, LINEAR_MODELS + 1):
         out.append((fused.weighted_sum, ((f32,) * n, f32, np.float32(1), f32)))
