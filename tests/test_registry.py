@@ -11,7 +11,8 @@ MERGEKIT_METHODS = {
     "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
     "della_linear", "nearswap", "sce", "ram", "ramplus_tl",
 }
-NOT_METHOD_MODULES = {"base", "fused", "keep", "masks", "select", "torch_kernels", "global_topk"}  # shared helpers, not methods
+NOT_METHOD_MODULES = {"base", "fused", "keep", "masks", "select", "torch_kernels", "global_topk",
+                      "kernel_warmup"}  # shared helpers, not methods
 
 
 BEYOND_MERGEKIT = {"tsv", "iso_c", "iso_cts", "wudi", "ties_paper", "regmean", "regmean_plus_plus", "fisher"}  # methods from the literature that mergekit does not ship

@@ -134,6 +134,25 @@ def _aligned_inputs(plan: MergePlan, job: TensorJob, placement: Placement,
     return [aligned(s) for s in job.sources], aligned(job.base) if job.base is not None else None
 
 
+def task_vector_magnitudes(plan: MergePlan, job: TensorJob):
+    """(position in the recipe's models, |delta| chunk) of one job's task vectors, read as the merge reads them
+    (whole, in row blocks, or vocabulary-aligned): what a model-wide top-k (`global_pass`) counts."""
+    if job.align:
+        sources, base = _aligned_inputs(plan, job, CPU, "cpu")
+        for i, x in enumerate(sources):
+            yield i, (x - base).abs()
+    elif job.mode == "whole":
+        base = load_source(plan, job.base)
+        for i, source in enumerate(job.sources):
+            yield i, (load_source(plan, source) - base).abs()
+    else:
+        for start in range(0, job.shape[0], job.block_rows):
+            end = min(job.shape[0], start + job.block_rows)
+            base = load_rows(plan, job.base, start, end)
+            for i, source in enumerate(job.sources):
+                yield i, (load_rows(plan, source, start, end) - base).abs()
+
+
 def lines_scale(merged: torch.Tensor, base: torch.Tensor, scale: float) -> torch.Tensor:
     """LiNeS: base + scale * (merged - base), in float32, one rounding per step (the same bits on any device)."""
     return base + (merged - base) * scale
@@ -252,7 +271,7 @@ def execute(
     if plan.method.global_top_k:  # one magnitude cut per model over all its tensors: counted before any merge
         from mergelib.merging.global_pass import with_kept_counts
 
-        plan = with_kept_counts(plan)
+        plan = with_kept_counts(plan, lambda job: task_vector_magnitudes(plan, job))
     kept = journal.verified() if journal is not None else set()
     reused = kept | (set(plan.shards) - set(shards) if shards is not None else set())  # not written here
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}

@@ -6,40 +6,22 @@ dtype, crops, vocabulary alignment), block by block for tensors the plan streams
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
 
 from mergelib.errors import RecipeError
-from mergelib.merging.device import CPU
 from mergelib.merging.plan import MergePlan, TensorJob
 from mergelib.methods.global_topk import kept_counts
 
 
-def _magnitudes(plan: MergePlan, job: TensorJob) -> Iterator[tuple[int, torch.Tensor]]:
-    """(position in the recipe's models, |delta| chunk) of one job, as the merge computes |theta_i - base|."""
-    from mergelib.merging.engine import _aligned_inputs, load_rows, load_source
-
-    if job.align:
-        sources, base = _aligned_inputs(plan, job, CPU, "cpu")
-        for i, x in enumerate(sources):
-            yield i, (x - base).abs()
-    elif job.mode == "whole":
-        base = load_source(plan, job.base)
-        for i, source in enumerate(job.sources):
-            yield i, (load_source(plan, source) - base).abs()
-    else:
-        for start in range(0, job.shape[0], job.block_rows):
-            end = min(job.shape[0], start + job.block_rows)
-            base = load_rows(plan, job.base, start, end)
-            for i, source in enumerate(job.sources):
-                yield i, (load_rows(plan, source, start, end) - base).abs()
-
-
-def with_kept_counts(plan: MergePlan) -> MergePlan:
+def with_kept_counts(plan: MergePlan, magnitudes: Callable[[TensorJob], Iterator[tuple[int, torch.Tensor]]]
+                     ) -> MergePlan:
     """`plan` with every job's per-model `kept` set so that the i-th model of the recipe keeps exactly
-    int(density_i * its task vector's size) entries over all tensors with a base (ties: see `global_topk`)."""
+    int(density_i * its task vector's size) entries over all tensors with a base (ties: see `global_topk`).
+    `magnitudes(job)` yields (position in the recipe's models, |delta| chunk) as the merge reads them (the engine's
+    `task_vector_magnitudes`)."""
     jobs = {job.name: job for job in plan.jobs if job.base is not None and job.sources}
     n = max((len(job.sources) for job in jobs.values()), default=0)
     densities: list[set[float]] = [set() for _ in range(n)]
@@ -55,7 +37,7 @@ def with_kept_counts(plan: MergePlan) -> MergePlan:
                 f"density, got {len(values)} different values over its tensors; give it a single value"
             )
     ks = [int(next(iter(d)) * size) if d else 0 for d, size in zip(densities, sizes)]
-    counts = kept_counts(list(jobs), ks, lambda name: _magnitudes(plan, jobs[name]))
+    counts = kept_counts(list(jobs), ks, lambda name: magnitudes(jobs[name]))
 
     def counted(job: TensorJob) -> TensorJob:
         if job.name not in jobs:

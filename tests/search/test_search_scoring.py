@@ -3,6 +3,9 @@ trial merge against the merge written to disk."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,10 +17,24 @@ from mergelib.search.scorer import ScorerError, greedy_answers, load_model, load
 from mergelib.search.trial import TrialJob, merge_mode, objective_values, run_trial
 
 
-def test_greedy_answers_are_lm_evals_outputs(demo_quick):
+def _untrained_copy(model_dir: Path, out: Path) -> Path:
+    """The model's architecture and tokenizer with seeded random weights: it answers with non-empty garbage, where
+    the quickly trained demo models stop at once (empty answers would make the comparison below vacuous)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+def test_greedy_answers_are_lm_evals_outputs(demo_quick, tmp_path):
     """Same prompts, same model: the scorer's answers are the strings lm-eval's generate_until returned."""
-    result = evaluate_model(demo_quick.finetunes[0], ["demo_add", "demo_rev"], limit=5, batch_size=4)
-    model, tokenizer = load_model(demo_quick.finetunes[0])
+    subject = _untrained_copy(Path(demo_quick.finetunes[0]), tmp_path / "untrained")
+    result = evaluate_model(subject, ["demo_add", "demo_rev"], limit=5, batch_size=4)
+    model, tokenizer = load_model(subject)
     for task in ("demo_add", "demo_rev"):
         prompts = load_task(task, "test", 5)
         ours = greedy_answers(model, tokenizer, prompts)
