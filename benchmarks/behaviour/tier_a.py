@@ -108,11 +108,13 @@ def init_experiment(pretrained: digits.Classifier, split: digits.Split, seed: in
 def ties_cut_shares(base: str, finetunes: list[str], density: float) -> dict[str, float]:
     """Per tensor, the share of entries `ties_paper` keeps (mean over the fine-tunes) at `density`; `ties` keeps
     exactly `density` of every tensor. Read from the plan the engine merges after its pre-pass."""
+    from mergelib.merging.engine import task_vector_magnitudes
     from mergelib.merging.global_pass import with_kept_counts
 
-    plan = with_kept_counts(mergelib.plan_merge({
+    planned = mergelib.plan_merge({
         "merge_method": "ties_paper", "base_model": base,
-        "models": [{"model": p, "parameters": {"density": density}} for p in finetunes]}))
+        "models": [{"model": p, "parameters": {"density": density}} for p in finetunes]})
+    plan = with_kept_counts(planned, lambda job: task_vector_magnitudes(planned, job))
     return {job.name: round(sum(p.kept for p in job.model_params) / (len(job.model_params) * job.numel), 4)
             for job in plan.jobs}
 
