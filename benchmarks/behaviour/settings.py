@@ -53,8 +53,10 @@ def default_setting(spec: MethodSpec) -> Setting:
 
 def why_left_out(spec: MethodSpec, n_models: int) -> str | None:
     """Why `spec` cannot merge `n_models` fine-tunes of one base here, or None when it can."""
-    if spec.base == "none":
+    if spec.base == "none" and spec.statistics is None:  # passthrough; the data-aware methods take no base either
         return "stacks layers, does not merge them"
+    if spec.statistics_flow == "merged":
+        return "its Grams come from the merged layers' activations, which only the LM gatherer computes"
     if spec.max_models is not None and spec.max_models < n_models:
         return f"takes at most {spec.max_models} model(s)"
     required = [n for n, f in spec.params.model_fields.items() if f.is_required()]

@@ -33,7 +33,7 @@ def fisher_file(model: Classifier, x: torch.Tensor, path: Path) -> Path:
 
     def log_likelihood(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, p, (xi.unsqueeze(0),))
-        return torch.log_softmax(logits, dim=1)[0, yi]
+        return torch.log_softmax(logits, dim=1)[0].gather(0, yi.reshape(1))[0]  # no tensor index under vmap
 
     per_sample = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
     with torch.no_grad():
