@@ -1,7 +1,8 @@
 """The README's measured figures, so they cannot go stale: `--record NAME` copies what the last run measured into
 docs/figures/NAME.json with the library versions it ran under (demo: reports/ after `make demo`; sweep and smollm2:
 reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
-reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`;
+reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`; bench_peer:
+reports/bench_peer.json after `merge_bench.py --peer-env V` (both sizes, rows concatenated);
 search: reports/search_bench.json after `make bench-search`; spectral: reports/spectral_bench.json after
 `benchmarks/spectral_bench.py`; startup: reports/startup_bench.json after `benchmarks/startup_bench.py`;
 behaviour and behaviour_b: reports/behaviour[_b].json and .png after `make bench-behaviour`). With no argument
@@ -90,6 +91,21 @@ def _search_tables(data: dict) -> str:
 def record_bench_ray() -> dict:
     """A Ray merge against the local one, from reports/bench_ray.json (merge_bench.py --executor ray)."""
     return {"rows": json.loads((REPO / "reports" / "bench_ray.json").read_text())}
+
+
+def record_bench_peer() -> dict:
+    """mergelib against mergekit in the same run, from reports/bench_peer.json (merge_bench.py --peer-env)."""
+    return {"rows": json.loads((REPO / "reports" / "bench_peer.json").read_text())}
+
+
+def _bench_peer_table(rows: list[dict]) -> str:
+    lines = ["| family | case | mergelib s | mergekit s (flags) | time ratio | mergelib / mergekit peak RSS MB | RSS ratio "
+             "| IO floor s | mergelib / floor | mergekit / floor |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['case']} | {r['merge_s']} | {r['mergekit_s']} ({r['mergekit_flags']}) | "
+                     f"{r['time_vs_mergekit']}x | {r['merge_peak_rss_mb']} / {r['mergekit_peak_rss_mb']} | "
+                     f"{r['rss_vs_mergekit']}x | {r['floor_s']} | {r['ratio']}x | {r['mergekit_vs_floor']}x |")
+    return "\n".join(lines)
 
 
 def _bench_ray_table(rows: list[dict]) -> str:
@@ -238,6 +254,8 @@ def render(name: str, data: dict) -> str:
         text = _table(data["rows"])
     elif name == "bench_ray":
         text = _bench_ray_table(data["rows"])
+    elif name == "bench_peer":
+        text = _bench_peer_table(data["rows"])
     elif name.startswith("bench"):
         text = _bench_table(data["rows"])
     elif name == "search":
@@ -270,7 +288,7 @@ def main(argv: list[str]) -> int:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
                      "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray,
-                     "spectral": record_spectral, "startup": record_startup,
+                     "spectral": record_spectral, "startup": record_startup, "bench_peer": record_bench_peer,
                      "behaviour": lambda: _record_behaviour("behaviour"),
                      "behaviour_b": lambda: _record_behaviour("behaviour_b")}
         if name not in recorders:
