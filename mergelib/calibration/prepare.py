@@ -14,14 +14,12 @@ from pathlib import Path
 from mergelib.calibration.data import read_texts, token_count, token_sequences
 from mergelib.calibration.store import FORMAT_VERSION, StatisticsStore, check_statistics_file
 from mergelib.errors import InputModelError
+from mergelib.io.cache import cache_dir
 from mergelib.io.hashing import sha256_file, sha256_files
 
 
 def cache_root() -> Path:
-    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib"
-    )
-    return Path(root) / "statistics"
+    return cache_dir("statistics")
 
 
 def _digest(parts: list) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mergelib.errors import InputModelError
+from mergelib.io.cache import cache_dir
 
 if TYPE_CHECKING:
     import gguf
@@ -106,10 +107,7 @@ def gguf_model_dir(ref: str | Path) -> Path | None:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib"
-    )
-    return Path(root) / "gguf"
+    return cache_dir("gguf")
 
 
 def cached_model_dir(file: Path) -> Path:

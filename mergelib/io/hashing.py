@@ -11,15 +11,14 @@ from pathlib import Path
 
 import xxhash
 
+from mergelib.io.cache import cache_dir
+
 _lock = threading.Lock()
 CHUNK = 8 << 20
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib"
-    )
-    return Path(root) / "sha256.json"
+    return cache_dir("sha256.json")
 
 
 def _key(path: Path) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from mergelib.errors import InputModelError
 from mergelib.io.atomic import MARKER, check_output_dir, commit_dir, staging_dir
+from mergelib.io.cache import cache_dir
 from mergelib.io.hashing import sha256_files
 from mergelib.io.hub import resolve_model
 from mergelib.io.index import ShardIndex, TensorInfo, index_model
@@ -32,10 +32,7 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer
 
 def lora_cache_dir() -> Path:
     """Where `model+lora` inputs are materialised: $MERGELIB_CACHE/lora, else ~/.cache/mergelib/lora."""
-    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib"
-    )
-    return Path(root) / "lora"
+    return cache_dir("lora")
 
 
 def lora_input(model_dir: Path, lora_ref: str) -> Path:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mergelib.io.cache import cache_dir
 from mergelib.pipeline.outputs import write_json
 
 SCORES = "scores.json"  # the evaluate stage's DVC metric (merge_scores)
@@ -22,9 +22,7 @@ SKILL_ROWS = "skill_accuracy.csv"  # model, task, label, accuracy: the DVC bar p
 
 def eval_cache_dir() -> Path:
     """Where parent results are cached: $MERGELIB_CACHE/eval, else ~/.cache/mergelib/eval."""
-    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib")
-    return Path(root) / "eval"
+    return cache_dir("eval")
 
 
 def model_label(ref: str) -> str:

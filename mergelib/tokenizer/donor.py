@@ -10,12 +10,12 @@ a later merge with the same inputs reuses it. A model whose vocabulary already e
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergelib.config.recipe import ModelRef, TransplantConfig
 from mergelib.io.atomic import MARKER
+from mergelib.io.cache import cache_dir
 from mergelib.io.hashing import hash_model_dir, sha256_files
 from mergelib.io.hub import resolve_model
 from mergelib.io.journal import plan_key
@@ -28,10 +28,7 @@ CACHE_VERSION = "1"  # bump when a transplanted directory for the same inputs wo
 
 def transplant_cache_dir() -> Path:
     """$MERGELIB_CACHE/transplant, else ~/.cache/mergelib/transplant."""
-    root = os.environ.get("MERGELIB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergelib"
-    )
-    return Path(root) / "transplant"
+    return cache_dir("transplant")
 
 
 def same_vocabulary(a: Vocabulary, b: Vocabulary) -> bool:
