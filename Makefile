@@ -13,13 +13,14 @@ export DVC_NO_ANALYTICS := 1
 
 install: $(STAMP)
 
-# Exactly the versions in requirements.lock (hashes checked; torch is the 2.13.0 CPU build), then mergelib itself
-# and its compiled kernels.
+# Exactly the versions in requirements.lock (hashes checked; torch is the 2.13.0 CPU build), then mergelib itself,
+# its bytecode and its compiled kernels.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q pip==26.3
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m compileall -q mergelib stages >/dev/null  # bytecode, as a wheel install has (PYTHONDONTWRITEBYTECODE may be set)
 	$(BIN)/mergelib warm-kernels  # numba's on-disk cache filled here, so no merge compiles a kernel
 	touch $(STAMP)
 

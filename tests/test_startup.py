@@ -39,10 +39,11 @@ def _recipe(family, method: str, path: Path) -> Path:
 
 
 MODULES_AFTER = r"""
-import json, sys
+import gc, json, sys
 from mergelib.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+print(json.dumps({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules}),
+                  "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
 """
 
 
@@ -56,6 +57,8 @@ def test_merge_imports_no_pipeline_library(tiny_family, tmp_path, dry_run):
     assert result["code"] == 0
     assert "mergelib" in result["modules"] and "torch" in result["modules"]  # the check sees real imports
     assert sorted(set(NEVER_ON_MERGE_PATH) & set(result["modules"])) == []
+    # torch's objects were imported with the collector off and frozen (never scanned again); collection is back on
+    assert result["gc_enabled"] and result["frozen"] > 100_000
 
 
 def test_help_imports_neither_torch_nor_numba():
