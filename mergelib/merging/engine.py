@@ -276,6 +276,11 @@ def execute(
     reused = kept | (set(plan.shards) - set(shards) if shards is not None else set())  # not written here
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
     jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
+    # Within each shard the largest tensors start first, so the threads finish together instead of one of them
+    # merging the last big tensor (an embedding, a head) alone; shards still complete one after another (the
+    # journal resumes by shard). The bytes do not depend on the order.
+    shard_rank = {fname: i for i, fname in enumerate(plan.shards)}
+    jobs.sort(key=lambda job: (shard_rank[shard_of[job.name]], -job.work_bytes))
     remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
     files: dict[str, ShardFile] = {}
     host_budget = memory_budget or default_memory_budget(plan, threads)

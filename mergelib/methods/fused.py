@@ -379,7 +379,7 @@ def magprune_keep(base, x, row, table, key, offset, keep):
         s = r * row
         hist[:] = 0
         for j in range(row):
-            b = np.float32(abs(x[s + j] - base[s + j])).view(np.uint32)
+            b = np.float32(abs(widen(x[s + j]) - widen(base[s + j]))).view(np.uint32)
             b = nan if b > np.uint32(0x7F800000) else b
             k = row - 1 - j
             bits[k] = b

@@ -129,8 +129,8 @@ def _run(sparsify: Sparsifier | None, consensus: bool, blocks: keep.Blocks, mode
             emit(start, blocks.read(-1, start, end).to(torch.float32))
         return
     sparsified, rules = _rules(sparsify, blocks, model_params, generator)
-    if any(isinstance(rule, (keep.Ranked, keep.Explicit)) for rule in rules):
-        blocks = blocks.widened()  # those rules compute on the block's inputs outside the kernels: float32
+    if any(isinstance(rule, keep.Explicit) for rule in rules):
+        blocks = blocks.widened()  # those masks were made from float32 inputs outside the kernels
     arrays = keep.rule_arrays(blocks, rules)
     factors = keep.l1_factors(blocks, arrays, sparsified) if params.rescale and any(sparsified) else \
         np.ones(blocks.n_models, dtype=np.float32)

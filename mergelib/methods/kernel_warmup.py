@@ -42,14 +42,14 @@ def _signatures() -> list[tuple[object, tuple]]:
             (fused.low_histograms, (base, xs, i64, i64, hist)),
             (fused.abs_sums, (base, xs, 0, *rules, hist, hist)),
             (fused.gta_block, (base, xs, 0, *rules, f32, f32, True, True, np.float32(1), np.float32(1), f32)),
+            (fused.magprune_keep, (base, xs[0], 4, f32, 0, 0, bools)),
         ]
         for index in (np.int32, np.int64):  # flat indices: int32 unless a tensor has 2**31 elements or more
             idx = np.zeros(4, dtype=index)
             out.append((fused.window_members, (base, xs, i64, f32, f32, 0, i64, i64, i64, i64, idx, f32)))
             out.append((fused.bucket_members, (base, xs, i64, i64, 0, i64, i64, idx, np.zeros(4, dtype=np.uint16))))
-    rows = np.zeros((2, 4), dtype=np.float32)  # float32 inputs only: DELLA's ranks and Model Stock widen first
+    rows = np.zeros((2, 4), dtype=np.float32)  # float32 inputs only: Model Stock widens first
     out += [
-        (fused.magprune_keep, (f32, rows[0], 4, f32, 0, 0, np.zeros((2, 4), dtype=np.bool_)[0])),
         (fused.stock_sums, (f32, rows, 4, np.zeros((1, 3), dtype=np.float64))),
         (fused.stock_out, (f32, rows, 4, np.zeros(1, dtype=np.float32), f32)),
     ]

@@ -189,3 +189,19 @@ def test_magprune_keep_equals_the_sorting_probabilities(seed, row, rows, levels)
     draws = np.empty(base.numel(), dtype=np.float32)
     fused.fill_uniform(seed, 7, draws)
     assert np.array_equal(got, draws < probability.reshape(-1).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_magprune_keep_reads_stored_bits_as_their_float32_values(dtype):
+    """DELLA's ranks from bf16/fp16 bit patterns equal the ranks of the same values widened to float32."""
+    base, x = tie_heavy(5, 96, seed=11, levels=4)
+    base16, x16 = base.to(dtype), (x + 0.01 * torch.randn(x.shape)).to(dtype)
+    bits = {torch.bfloat16: np.uint16, torch.float16: np.int16}[dtype]
+    table = masks_module.magprune_table(96, 0.5, 0.25).numpy()
+    got = np.empty(base.numel(), dtype=np.bool_)
+    fused.magprune_keep(base16.view(torch.int16).numpy().view(bits), x16.view(torch.int16).numpy().view(bits), 96,
+                        table, 3, 40, got)
+    want = np.empty(base.numel(), dtype=np.bool_)
+    fused.magprune_keep(base16.float().numpy(), x16.float().numpy(), 96, table, 3, 40, want)
+    assert np.array_equal(got, want)
+    assert np.array_equal(want, sorted_keep(base16.float(), x16.float(), 96, 0.5, 0.25, 3, 40))
