@@ -12,7 +12,8 @@ ru_maxrss, the largest over the merge's runs.
     python benchmarks/merge_bench.py --executor ray --workers 2 --sizes 1b --shard-size 500000000
                                      [--out reports/bench_ray.json]   (Ray shard tasks against the local merge)
     python benchmarks/merge_bench.py --peer-env /path/to/venv-with-mergekit --cases linear slerp ties dare_ties
-                                     della model_stock [--out reports/bench_peer.json]
+                                     della model_stock [--peer-variants default j1] [--peer-repeat 1]
+                                     [--out reports/bench_peer.json]
 
 With `--peer-env` (a Python environment with mergekit installed, e.g. `python -m venv V && V/bin/pip install
 mergekit`), each case is also merged by `V/bin/mergekit-yaml` from the same recipe, in the same run, alternating with
@@ -173,6 +174,10 @@ def main() -> None:
                         help="output shard bytes (Ray splits a merge by shards: give several, e.g. 500000000)")
     parser.add_argument("--peer-env", default=None,
                         help="a Python environment holding mergekit: time `mergekit-yaml` on the same recipes")
+    parser.add_argument("--peer-variants", nargs="+", choices=("default", "j1"), default=["default", "j1"],
+                        help="mergekit settings timed: its default thread pool, `-j 1`, or both (the best is kept)")
+    parser.add_argument("--peer-repeat", type=int, default=None,
+                        help="runs of each mergekit variant (default: --repeat; 1 saves minutes at 1b)")
     args = parser.parse_args()
     if args.peer_env and not (Path(args.peer_env) / "bin" / "mergekit-yaml").is_file():
         parser.error(f"--peer-env {args.peer_env}: no bin/mergekit-yaml there; install mergekit into that venv")
@@ -182,12 +187,14 @@ def main() -> None:
     rows = []
     for size, case, recipe, tmp in case_recipes(args):
         floor_runs, merge_runs, peer_runs = [], [], []
-        for _ in range(max(1, args.repeat)):  # alternating, so both see the same machine state
+        peer_repeat = args.repeat if args.peer_repeat is None else args.peer_repeat
+        variants = [{"default": [], "j1": ["-j", "1"]}[v] for v in args.peer_variants]
+        for run in range(max(1, args.repeat)):  # alternating, so both see the same machine state
             floor_runs.append(measure_child(
                 [sys.executable, "-c", FLOOR_SCRIPT, str(recipe), str(tmp / "floor"), args.shard_size]))
             merge_runs.append(measure_child(merge_command(args, recipe, tmp / "merged")))
-            if args.peer_env:
-                for extra in ([], ["-j", "1"]):
+            if args.peer_env and run < peer_repeat:
+                for extra in variants:
                     peer_runs.append((*measure_child(peer_command(args, recipe, tmp / "peer", extra)), extra))
         floor_s, floor_rss = min(floor_runs)
         merge_s = min(t for t, _ in merge_runs)
