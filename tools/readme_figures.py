@@ -1,6 +1,6 @@
 """The README's measured figures, so they cannot go stale: `--record NAME` copies what the last run measured into
 docs/figures/NAME.json with the library versions it ran under (demo: reports/ after `make demo`; sweep and smollm2:
-reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench and bench_slow:
+reports/method_comparison.csv after `python -m stages.sweep [models=smollm2 eval.limit=100]`; bench:
 reports/bench.json after `make bench`; bench_ray: reports/bench_ray.json after `merge_bench.py --executor ray`; bench_peer:
 reports/bench_peer.json after `merge_bench.py --peer-env V` (both sizes, rows concatenated);
 search: reports/search_bench.json after `make bench-search`; spectral: reports/spectral_bench.json after
@@ -61,8 +61,7 @@ def record_sweep() -> dict:
 
 
 def record_bench() -> dict:
-    """Merge time and memory against the IO floor, from reports/bench.json (`make bench`, or with
-    `--cases della model_stock --repeat 1` for bench_slow)."""
+    """Merge time and memory against the IO floor, from reports/bench.json (`make bench`)."""
     return {"rows": json.loads((REPO / "reports" / "bench.json").read_text())}
 
 
@@ -287,7 +286,7 @@ def main(argv: list[str]) -> int:
     if "--record" in argv:
         name = argv[argv.index("--record") + 1]
         recorders = {"demo": record_demo, "sweep": record_sweep, "smollm2": record_sweep, "bench": record_bench,
-                     "bench_slow": record_bench, "search": record_search, "bench_ray": record_bench_ray,
+                     "search": record_search, "bench_ray": record_bench_ray,
                      "spectral": record_spectral, "startup": record_startup, "bench_peer": record_bench_peer,
                      "behaviour": lambda: _record_behaviour("behaviour"),
                      "behaviour_b": lambda: _record_behaviour("behaviour_b")}
