@@ -194,12 +194,8 @@ def _merge(sparsify: Sparsifier | None, consensus: bool, inputs: MethodInputs, p
         tensors = {i: t.to(torch.float32) for i, t in tensors.items()}
         out = _run_torch(sparsify, consensus, blocks, tensors, inputs.model_params, inputs.generator, params)
         return out.view(base.shape)
-    out = torch.empty(shape, dtype=torch.float32)
-
-    def emit(start: int, rows: torch.Tensor) -> None:
-        out[start : start + rows.shape[0]] = rows
-
-    _run(sparsify, consensus, blocks, inputs.model_params, inputs.generator, params, emit)
+    out = keep.collect_rows(shape, lambda emit: _run(sparsify, consensus, blocks, inputs.model_params,
+                                                     inputs.generator, params, emit))
     return out.view(base.shape)
 
 

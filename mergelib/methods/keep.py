@@ -93,6 +93,18 @@ class Blocks:
         return replace(self, stored=None)
 
 
+def collect_rows(shape: tuple[int, ...], run: Callable[[Callable[[int, torch.Tensor], None]], None]) -> torch.Tensor:
+    """The whole float32 tensor of `shape` that `run(emit)` emits row block by row block: a streamed method's
+    whole-tensor form (the same code on one block gives the same bits)."""
+    out = torch.empty(shape, dtype=torch.float32)
+
+    def emit(start: int, rows: torch.Tensor) -> None:
+        out[start : start + rows.shape[0]] = rows
+
+    run(emit)
+    return out
+
+
 @dataclass(frozen=True)
 class Band:
     """Keep the top `k_lo` |delta| and drop the top `k_hi` (k_hi = 0: drop none)."""

@@ -120,13 +120,7 @@ def merge(inputs: MethodInputs, params: ModelStockParams) -> torch.Tensor:
     shape = tuple(base.shape) or (1,)
     tensors = {-1: base.reshape(shape), **{i: x.reshape(shape) for i, x in enumerate(inputs.tensors)}}
     blocks = keep.Blocks(shape, n, lambda i, a, b: tensors[i][a:b], shape[0])
-    out = torch.empty(shape, dtype=torch.float32)
-
-    def emit(start: int, rows: torch.Tensor) -> None:
-        out[start : start + rows.shape[0]] = rows
-
-    _run(blocks, params.filter_wise, emit)
-    return out.view(base.shape)
+    return keep.collect_rows(shape, lambda emit: _run(blocks, params.filter_wise, emit)).view(base.shape)
 
 
 def stream(inputs: StreamInputs, params: ModelStockParams) -> None:

@@ -74,13 +74,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     shape = tuple(v0.shape) or (1,)  # a 0-d tensor is one row of one element
     tensors = {-1: v0.reshape(shape), 0: v1.reshape(shape)}
     blocks = keep.Blocks(shape, 1, lambda i, a, b: tensors[i][a:b].to(torch.float32), shape[0])
-    out = torch.empty(shape, dtype=torch.float32)
-
-    def emit(start: int, rows: torch.Tensor) -> None:
-        out[start : start + rows.shape[0]] = rows
-
-    _run(blocks, t, emit)
-    return out.view(v0.shape)
+    return keep.collect_rows(shape, lambda emit: _run(blocks, t, emit)).view(v0.shape)
 
 
 def merge(inputs: MethodInputs, params: SlerpParams) -> torch.Tensor:
