@@ -140,3 +140,12 @@ def test_no_kernel_compiles_after_warm_kernels(tiny_family, tmp_path):
     after = _run(COMPILES_DURING, str(tmp_path), *recipes, env=env)
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout.strip().splitlines()[-1]) == {}
+
+
+def test_merge_leaves_a_collector_the_caller_disabled_disabled(tiny_family, tmp_path):
+    script = ("import gc, sys\ngc.disable()\nfrom mergelib.cli import main\ncode = main(sys.argv[1:])\n"
+              "print(code, gc.isenabled())")
+    recipe = _recipe(tiny_family, "ties", tmp_path / "r.yml")
+    done = _run(script, "merge", str(recipe), str(tmp_path / "out"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 False"
