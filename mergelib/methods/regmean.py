@@ -15,6 +15,8 @@ singular takes the plain average. RegMean++ uses the same formula; only where it
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from pydantic import Field
 
@@ -78,32 +80,28 @@ def merge(inputs: MethodInputs, params: RegMeanParams) -> torch.Tensor:
 FALLBACK = ("; tensors without a Gram (embeddings, norms, biases, a tied head) and inputs never active in the "
             "calibration data take the plain average")
 
+_REGMEAN = MethodSpec(
+    name="regmean",
+    summary="Regression mean: per Linear, the weight that best reproduces every model's outputs on the "
+            "calibration data, (sum W_i G_i)(sum G_i)^-1 with G_i the input Gram" + FALLBACK,
+    paper="https://arxiv.org/abs/2212.09849",
+    merge=merge,
+    params=RegMeanParams,
+    model_params=IgnoredWeight,
+    base="none",
+    min_models=1,
+    ignored=WEIGHT_IGNORED,
+    statistics="gram",
+)
+
 SPECS = (
-    MethodSpec(
-        name="regmean",
-        summary="Regression mean: per Linear, the weight that best reproduces every model's outputs on the "
-                "calibration data, (sum W_i G_i)(sum G_i)^-1 with G_i the input Gram" + FALLBACK,
-        paper="https://arxiv.org/abs/2212.09849",
-        merge=merge,
-        params=RegMeanParams,
-        model_params=IgnoredWeight,
-        base="none",
-        min_models=1,
-        ignored=WEIGHT_IGNORED,
-        statistics="gram",
-    ),
-    MethodSpec(
+    _REGMEAN,
+    replace(  # the same merge; only where the Grams come from differs
+        _REGMEAN,
         name="regmean_plus_plus",
         summary="RegMean++: RegMean whose Grams of layer l come from calibration activations that went through the "
                 "merged layers below l (merging and gathering interleave layer by layer)" + FALLBACK,
         paper="https://arxiv.org/abs/2508.03121",
-        merge=merge,
-        params=RegMeanParams,
-        model_params=IgnoredWeight,
-        base="none",
-        min_models=1,
-        ignored=WEIGHT_IGNORED,
-        statistics="gram",
         statistics_flow="merged",
     ),
 )
