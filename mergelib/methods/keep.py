@@ -7,7 +7,8 @@ a narrow window of values around the cut, the pass counts the values above the w
 select on the float32 bits runs instead: a histogram of the 16-bit high digits, then the members of the bucket
 holding the cut (or, for a bucket too large to collect, a low-digit histogram and a scan for the tie limit).
 DARE's random drop is a key into a counter-based uniform stream (`fused.uniform_at`); DELLA's per-row ranks are
-decided per block by a radix sort of each row (`fused.magprune_keep`), into a mask held for the passes.
+decided per block by an exact sort of each row (`fused.magprune_keep`; by counting for bf16 deltas,
+`fused.magprune_keep_bf16`), into a mask held for the passes, summing the L1 norms as they go.
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ class RuleArrays:
         self.masks: dict[int, torch.Tensor] = {}
         self.ranked: dict[int, Ranked] = {}
         self._ranked_blocks: dict[tuple[int, int], np.ndarray] = {}  # block masks, decided once for every pass
+        # exact L1 slots (all, kept) of each row-ranked model's |delta| over the blocks decided so far: the rank
+        # kernels sum while they rank, so `l1_factors` needs no pass of its own for them
+        self.ranked_sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._tables: dict[int, np.ndarray] = {}
 
     def explicit(self, start: int, end: int, base: np.ndarray | None = None,
                  xs: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
@@ -175,9 +180,14 @@ class RuleArrays:
 
     def _decide_ranked(self, start: int, end: int, base: np.ndarray, xs: tuple[np.ndarray, ...]) -> np.ndarray:
         masks = np.zeros((len(self.ranked), end - start), dtype=np.bool_)
+        # bf16 deltas are mostly bf16 values themselves: ranked by counting (the same ranks, faster)
+        kernel = fused.magprune_keep_bf16 if base.dtype == np.uint16 else fused.magprune_keep
         for r, (i, rule) in enumerate(self.ranked.items()):
-            table = masks_module.magprune_table(rule.row, rule.density, rule.epsilon).numpy()
-            fused.magprune_keep(base, xs[i], rule.row, table, rule.key, start, masks[r])
+            if i not in self._tables:
+                self._tables[i] = masks_module.magprune_table(rule.row, rule.density, rule.epsilon).numpy()
+                self.ranked_sums[i] = (np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64),
+                                       np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64))
+            kernel(base, xs[i], rule.row, self._tables[i], rule.key, start, masks[r], *self.ranked_sums[i])
         return masks
 
     def args(self, start: int, end: int, base: np.ndarray | None = None,
@@ -379,13 +389,22 @@ def rule_arrays(blocks: Blocks, rules: list[Rule]) -> RuleArrays:
 
 def l1_factors(blocks: Blocks, arrays: RuleArrays, sparsified: list[bool]) -> np.ndarray:
     """mergekit's rescale per model: ||delta||_1 / ||kept delta||_1 (float32), 1 where either norm is < 1e-7
-    or the model is not sparsified. The norms are exact sums (`torch_kernels.exact_sum`)."""
-    before = np.zeros((blocks.n_models, torch_kernels.EXACT_SLOTS), dtype=np.int64)
+    or the model is not sparsified. The norms are exact sums (`torch_kernels.exact_sum`); row-ranked models'
+    come from deciding their masks, the others' from a pass of `fused.abs_sums`."""
+    summed = [i for i in range(blocks.n_models) if i not in arrays.ranked]
+    before = np.zeros((len(summed), torch_kernels.EXACT_SLOTS), dtype=np.int64)
     after = np.zeros_like(before)
+    every = len(summed) == blocks.n_models
     for start, end, offset in blocks.ranges():
         base, xs = blocks.inputs(start, end)
-        fused.abs_sums(base, xs, offset, *arrays.args(offset, offset + base.shape[0], base, xs), before, after)
-    return rescale_factors([(b.tolist(), a.tolist()) for b, a in zip(before, after)], sparsified)
+        args = arrays.args(offset, offset + base.shape[0], base, xs)  # decides the ranked masks of the block
+        if every:
+            fused.abs_sums(base, xs, offset, *args, before, after)
+        elif summed:
+            fused.abs_sums(base, xs[summed], offset, *(a[summed] for a in args), before, after)
+    slots = {i: (b.tolist(), a.tolist()) for i, b, a in zip(summed, before, after)}
+    slots.update({i: (b.tolist(), a.tolist()) for i, (b, a) in arrays.ranked_sums.items()})
+    return rescale_factors([slots[i] for i in range(blocks.n_models)], sparsified)
 
 
 def rescale_factors(slots: list[tuple[list[int], list[int]]], sparsified: list[bool]) -> np.ndarray:

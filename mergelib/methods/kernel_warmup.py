@@ -42,7 +42,8 @@ def _signatures() -> list[tuple[object, tuple]]:
             (fused.low_histograms, (base, xs, i64, i64, hist)),
             (fused.abs_sums, (base, xs, 0, *rules, hist, hist)),
             (fused.gta_block, (base, xs, 0, *rules, f32, f32, True, True, np.float32(1), np.float32(1), f32)),
-            (fused.magprune_keep, (base, xs[0], 4, f32, 0, 0, bools)),
+            (fused.magprune_keep, (base, xs[0], 4, f32, 0, 0, bools, i64, i64)),
+            (fused.magprune_keep_bf16, (base, xs[0], 4, f32, 0, 0, bools, i64, i64)),
         ]
         for index in (np.int32, np.int64):  # flat indices: int32 unless a tensor has 2**31 elements or more
             idx = np.zeros(4, dtype=index)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergelib.methods import fused, keep
+from mergelib.methods import fused, keep, torch_kernels
 from mergelib.methods import masks as masks_module
 from mergelib.methods.select import top_k_mask
 
@@ -119,7 +121,25 @@ def test_window_missing_the_cut_falls_back_to_the_exact_select(monkeypatch):
     assert (torch.from_numpy(masks_of(blocks, arrays)[0]) & nonzero).tolist() == (want & nonzero).tolist()
 
 
-# ---- DELLA's per-row MAGPRUNE ranks (fused.magprune_keep) ----
+# ---- DELLA's per-row MAGPRUNE ranks (fused.magprune_keep, fused.magprune_keep_bf16) ----
+
+RANK_KERNELS = [fused.magprune_keep, fused.magprune_keep_bf16]
+
+
+def ranked(kernel, base, x, row, table, key, offset):
+    """A rank kernel's mask and its exact L1 sums (all, kept) as floats."""
+    got = np.empty(base.shape[0], dtype=np.bool_)
+    before = np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64)
+    after = np.zeros_like(before)
+    kernel(base, x, row, table, key, offset, got, before, after)
+    return got, torch_kernels.exact_sum(before.tolist()), torch_kernels.exact_sum(after.tolist())
+
+
+def exact_l1(magnitude, mask):
+    """The exact L1 norms (all, kept) of float32 magnitudes, as Python fractions rounded once."""
+    values = magnitude.double().reshape(-1).tolist()
+    kept = [v for v, k in zip(values, mask.tolist()) if k]
+    return float(math.fsum(values)), float(math.fsum(kept))
 
 
 def sorted_keep(base, x, row, density, epsilon, key, offset):
@@ -149,19 +169,23 @@ def tie_heavy(rows, row, seed, levels):
     return base.reshape(-1).contiguous(), (base + steps).to(torch.bfloat16).float().reshape(-1).contiguous()
 
 
+@pytest.mark.parametrize("kernel", RANK_KERNELS)
 @pytest.mark.parametrize("rows,row,levels", [(7, 1, 3), (5, 2, 1), (6, 33, 2), (3, 300, 0), (4, 257, 5),
                                              (2, 1000, 40)])
-def test_magprune_ranks_equal_a_plain_sort_with_ties(rows, row, levels):
+def test_magprune_ranks_equal_a_plain_sort_with_ties(kernel, rows, row, levels):
     base, x = tie_heavy(rows, row, seed=rows * row + levels, levels=levels)
     density, epsilon, key, offset = 0.45, 0.3, 987654321, 12345
     table = masks_module.magprune_table(row, density, epsilon).numpy()
-    got = np.empty(base.numel(), dtype=np.bool_)
-    fused.magprune_keep(base.numpy(), x.numpy(), row, table, key, offset, got)
-    assert np.array_equal(got, sorted_keep(base, x, row, density, epsilon, key, offset))
+    got, l1, kept_l1 = ranked(kernel, base.numpy(), x.numpy(), row, table, key, offset)
+    want = sorted_keep(base, x, row, density, epsilon, key, offset)
+    assert np.array_equal(got, want)
+    assert (l1, kept_l1) == exact_l1((x - base).abs(), torch.from_numpy(want))
 
 
-def test_magprune_ranks_with_nan_inf_zero_and_wide_exponents():
-    """Every float32 digit differs across the row (so every radix pass runs), with NaNs, infinities and zeros."""
+@pytest.mark.parametrize("kernel", RANK_KERNELS)
+def test_magprune_ranks_with_nan_inf_zero_and_wide_exponents(kernel):
+    """Every float32 digit differs across the row (so every radix pass runs, and the counting kernel sorts
+    nearly every element as inexact), with NaNs, infinities, zeros and subnormals."""
     g = torch.Generator().manual_seed(3)
     row = 64
     base = torch.zeros(4 * row)
@@ -171,37 +195,82 @@ def test_magprune_ranks_with_nan_inf_zero_and_wide_exponents():
     x[7::23] = float("inf")
     x[8::23] = -float("inf")
     x[3::31] = x[4::31][: len(x[3::31])]  # equal magnitudes at distant exponents
+    x[10::37] = 1e-41  # subnormal
     table = masks_module.magprune_table(row, 0.5, 0.4).numpy()
-    got = np.empty(x.numel(), dtype=np.bool_)
-    fused.magprune_keep(base.numpy(), x.numpy(), row, table, 5, 0, got)
+    got, l1, kept_l1 = ranked(kernel, base.numpy(), x.numpy(), row, table, 5, 0)
     assert np.array_equal(got, sorted_keep(base, x, row, 0.5, 0.4, 5, 0))
+    assert math.isnan(l1) and math.isnan(kept_l1) == bool((got & x.isnan().numpy()).any())
+    finite = x[:row].clone()  # one row without NaN/inf: exact sums over 120 binades (the one-by-one path)
+    finite[~finite.isfinite()] = 0.0
+    got, l1, kept_l1 = ranked(kernel, base[:row].numpy(), finite.numpy(), row, table, 5, 0)
+    assert (l1, kept_l1) == exact_l1(finite.abs(), torch.from_numpy(got))
+
+
+@pytest.mark.parametrize("kernel", RANK_KERNELS)
+def test_magprune_ranks_of_bf16_deltas_with_inexact_members(kernel):
+    """bf16 weights and fine-tunes whose deltas cross exponents (a few inexact deltas share a top-16-bit key
+    with exact ones) and whose values repeat: the counting kernel's inexact members rank after the exact ones
+    of their key, by their low bits."""
+    g = torch.Generator().manual_seed(8)
+    rows, row = 6, 700
+    base = (torch.randn(rows * row, generator=g) * 0.02).to(torch.bfloat16)
+    x = (base.float() + torch.randint(-3, 4, (rows * row,), generator=g).float() * 2.0**-12).to(torch.bfloat16)
+    base, x = base.float().contiguous(), x.float().contiguous()
+    low = ((x - base).abs().view(torch.int32) & 0xFFFF) != 0
+    assert 0 < int(low.sum()) < rows * row // 4  # the case under test: some inexact deltas among exact ones
+    table = masks_module.magprune_table(row, 0.5, 0.2).numpy()
+    got, l1, kept_l1 = ranked(kernel, base.numpy(), x.numpy(), row, table, 77, 3)
+    assert np.array_equal(got, sorted_keep(base, x, row, 0.5, 0.2, 77, 3))
+    assert (l1, kept_l1) == exact_l1((x - base).abs(), torch.from_numpy(got))
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), row=st.integers(1, 40), rows=st.integers(1, 6), levels=st.integers(0, 6))
-def test_magprune_keep_equals_the_sorting_probabilities(seed, row, rows, levels):
-    """The kernel against `masks.magprune_probabilities` (torch's stable sort: the torch kernels' path)."""
+@given(seed=st.integers(0, 10_000), row=st.integers(1, 40), rows=st.integers(1, 6), levels=st.integers(0, 6),
+       counting=st.booleans())
+def test_magprune_keep_equals_the_sorting_probabilities(seed, row, rows, levels, counting):
+    """The kernels against `masks.magprune_probabilities` (torch's stable sort: the torch kernels' path)."""
     base, x = tie_heavy(rows, row, seed, levels)
     table = masks_module.magprune_table(row, 0.5, 0.2).numpy()
-    got = np.empty(base.numel(), dtype=np.bool_)
-    fused.magprune_keep(base.numpy(), x.numpy(), row, table, seed, 7, got)
+    got, _, _ = ranked(RANK_KERNELS[counting], base.numpy(), x.numpy(), row, table, seed, 7)
     probability = masks_module.magprune_probabilities((x - base).abs().view(-1, row), 0.5, 0.2)
     draws = np.empty(base.numel(), dtype=np.float32)
     fused.fill_uniform(seed, 7, draws)
     assert np.array_equal(got, draws < probability.reshape(-1).numpy())
 
 
+@pytest.mark.parametrize("kernel", RANK_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_magprune_keep_reads_stored_bits_as_their_float32_values(dtype):
+def test_magprune_keep_reads_stored_bits_as_their_float32_values(kernel, dtype):
     """DELLA's ranks from bf16/fp16 bit patterns equal the ranks of the same values widened to float32."""
     base, x = tie_heavy(5, 96, seed=11, levels=4)
     base16, x16 = base.to(dtype), (x + 0.01 * torch.randn(x.shape)).to(dtype)
     bits = {torch.bfloat16: np.uint16, torch.float16: np.int16}[dtype]
     table = masks_module.magprune_table(96, 0.5, 0.25).numpy()
-    got = np.empty(base.numel(), dtype=np.bool_)
-    fused.magprune_keep(base16.view(torch.int16).numpy().view(bits), x16.view(torch.int16).numpy().view(bits), 96,
-                        table, 3, 40, got)
-    want = np.empty(base.numel(), dtype=np.bool_)
-    fused.magprune_keep(base16.float().numpy(), x16.float().numpy(), 96, table, 3, 40, want)
-    assert np.array_equal(got, want)
-    assert np.array_equal(want, sorted_keep(base16.float(), x16.float(), 96, 0.5, 0.25, 3, 40))
+    got = ranked(kernel, base16.view(torch.int16).numpy().view(bits), x16.view(torch.int16).numpy().view(bits), 96,
+                 table, 3, 40)
+    want = ranked(kernel, base16.float().numpy(), x16.float().numpy(), 96, table, 3, 40)
+    assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]
+    assert np.array_equal(want[0], sorted_keep(base16.float(), x16.float(), 96, 0.5, 0.25, 3, 40))
+
+
+@pytest.mark.parametrize("span", [0, 10, 30, 120])
+def test_exact_sums_whatever_the_exponent_span(span):
+    """L1 sums of |delta| (abs_sums, the fused L1 pass) over blocks spanning few exponents (one integer sum) or
+    many (value by value) are exact, and the slots give the same total as torch's exact slots."""
+    g = torch.Generator().manual_seed(span)
+    n = 5000
+    x = torch.rand(n, generator=g) * torch.exp2(torch.randint(-span // 2 - 1, span // 2 + 1, (n,), generator=g).float())
+    x[::7] = 0.0
+    base = torch.zeros(n)
+    args = keep.RuleArrays(1).args(0, n)
+    args[0][0] = fused.KEEP_RANDOM
+    args[5][0], args[6][0] = 99, 0.5
+    before = np.zeros((1, torch_kernels.EXACT_SLOTS), dtype=np.int64)
+    after = np.zeros_like(before)
+    fused.abs_sums(base.numpy(), x.numpy()[None, :].copy(), 0, *args, before, after)
+    draws = np.empty(n, dtype=np.float32)
+    fused.fill_uniform(99, 0, draws)
+    kept = torch.from_numpy(draws < np.float32(0.5))
+    want = exact_l1(x, kept)
+    assert (torch_kernels.exact_sum(before[0].tolist()), torch_kernels.exact_sum(after[0].tolist())) == want
+    assert want[0] == torch_kernels.exact_sum(torch_kernels.exact_slots(x))
