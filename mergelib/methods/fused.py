@@ -484,10 +484,16 @@ def magprune_keep_bf16(base, x, row, table, key, offset, keep, before, after):
         s = r * row
         kmin1 = np.uint32(0xFFFFFFFF)  # (lowest nonzero key) - 1; a zero key wraps to the top
         kmax = np.uint32(0)
-        n_others = 0
-        for j in range(row):
+        for j in range(row):  # vectorized: the counting below is a loop of its own
             b = _magnitude_bits(x[s + j], base[s + j])
             bits[j] = b
+            k = b >> np.uint32(16)
+            km1 = k - np.uint32(1)
+            kmin1 = km1 if km1 < kmin1 else kmin1
+            kmax = k if k > kmax else kmax
+        n_others = 0
+        for j in range(row):
+            b = bits[j]
             k = b >> np.uint32(16)
             other = (b & low) != 0
             c = place[k]
@@ -495,9 +501,6 @@ def magprune_keep_bf16(base, x, row, table, key, offset, keep, before, after):
             place[k] = c + 1 - other
             others[n_others] = j
             n_others += other
-            km1 = k - np.uint32(1)
-            kmin1 = km1 if km1 < kmin1 else kmin1
-            kmax = k if k > kmax else kmax
         lo = np.int64(kmin1) + 1
         hi = np.int64(kmax)
         for q in range(n_others):
