@@ -145,3 +145,32 @@ def test_every_input_tensor_is_merged_or_listed_as_left_out(tiny_family, tmp_pat
         assert left[(str(ft1), "model.embed_tokens.weight")] == "its place in the output comes from another input"
     else:
         assert left == {(str(ft2), "model.rotary_emb.inv_freq"): "unknown to the llama architecture spec"}
+
+
+def test_memory_budget_leaves_room_beside_the_largest_tensor():
+    """The default budget fits the largest tensor's work and, beside it, threads - 1 of the larger ones (90th
+    percentile), so the other threads are not idle while an embedding is merged; at least 256 MiB."""
+    from mergelib.merging.plan import memory_budget
+
+    works = [500 << 20, 480 << 20] + [300 << 20] * 4 + [130 << 20] * 14
+    p90 = sorted(works, reverse=True)[len(works) // 10]
+    assert memory_budget(works, 2) == (500 << 20) + p90
+    assert memory_budget(works, 4) == (500 << 20) + 3 * p90
+    assert memory_budget(works, 1) == 500 << 20
+    assert memory_budget([1 << 20], 2) == 256 << 20
+
+
+def test_try_acquire_takes_only_what_fits_now():
+    from mergelib.merging.engine import MemoryBudget
+
+    budget = MemoryBudget(100)
+    assert budget.try_acquire(70) == 70
+    assert budget.try_acquire(40) is None  # does not fit beside the 70
+    assert budget.try_acquire(30) == 30
+    budget.release(70)
+    assert budget.try_acquire(500) is None  # larger than the budget: runs alone, once nothing else holds memory
+    budget.release(30)
+    assert budget.try_acquire(500) == 100
+    budget.cancel()
+    budget.release(100)
+    assert budget.try_acquire(1) is None

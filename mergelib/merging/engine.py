@@ -52,6 +52,15 @@ class MemoryBudget:
             self.used += amount
         return amount
 
+    def try_acquire(self, amount: int) -> int | None:
+        """`acquire` without waiting: None when the bytes do not fit now (or the budget is cancelled)."""
+        amount = min(amount, self.limit)
+        with self._cond:
+            if self.cancelled or self.used + amount > self.limit:
+                return None
+            self.used += amount
+        return amount
+
     def cancel(self) -> None:
         with self._cond:
             self.cancelled = True
@@ -277,8 +286,8 @@ def execute(
     shard_of = {slot.name: fname for fname, slots in plan.shards.items() for slot in slots}
     jobs = [job for job in plan.jobs if shard_of[job.name] not in reused]
     # Within each shard the largest tensors start first, so the threads finish together instead of one of them
-    # merging the last big tensor (an embedding, a head) alone; shards still complete one after another (the
-    # journal resumes by shard). The bytes do not depend on the order.
+    # merging the last big tensor (an embedding, a head) alone; shards complete roughly in order (the journal
+    # resumes by shard, in any order). The bytes do not depend on the order.
     shard_rank = {fname: i for i, fname in enumerate(plan.shards)}
     jobs.sort(key=lambda job: (shard_rank[shard_of[job.name]], -job.work_bytes))
     remaining = {fname: len(slots) for fname, slots in plan.shards.items() if fname not in reused}
@@ -350,11 +359,21 @@ def execute(
                 for budget in budgets.values():
                     budget.cancel()
 
-        for job in jobs:
-            work = device_work_bytes(job) if placement.torch_kernels else job.work_bytes
-            held = budgets[device_of[job.name]].acquire(work)
+        def work_of(job: TensorJob) -> int:
+            return device_work_bytes(job) if placement.torch_kernels else job.work_bytes
+
+        pending = list(jobs)
+        while pending:
+            # The first job in order whose memory fits now starts; a later, smaller one may pass a large one that
+            # waits for room (the threads stay busy beside it). When none fits, wait for the first one's room.
+            fits = ((k, held) for k, job in enumerate(pending)
+                    if (held := budgets[device_of[job.name]].try_acquire(work_of(job))) is not None)
+            k, held = next(fits, (0, None))
+            if held is None:
+                held = budgets[device_of[pending[0].name]].acquire(work_of(pending[0]))
             if held is None:  # a job failed: submit nothing more
                 break
+            job = pending.pop(k)
             future = pool.submit(run, job, held)
             future.add_done_callback(cancel_all)
             futures.append(future)

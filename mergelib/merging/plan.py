@@ -108,13 +108,13 @@ class TensorJob:
 
 
 def memory_budget(works: list[int], threads: int) -> int:
-    """Room for the largest tensor's work alone, or for `threads` of the larger tensors at once (the one at the
-    90th percentile of the work sizes), whichever is more, and at least 256 MiB: peak memory follows the
-    largest tensor, not the model."""
+    """Room for the largest tensor's work beside `threads` - 1 of the larger tensors (the one at the 90th
+    percentile of the work sizes), and at least 256 MiB: peak memory follows the largest tensor, not the model,
+    and while the largest is merged the other threads still have work that fits."""
     if not works:
         return 256 << 20
     ordered = sorted(works, reverse=True)
-    return max(256 << 20, ordered[0], max(1, threads) * ordered[len(ordered) // 10])
+    return max(256 << 20, ordered[0] + (max(1, threads) - 1) * ordered[len(ordered) // 10])
 
 
 @dataclass(frozen=True)

@@ -274,3 +274,24 @@ def test_exact_sums_whatever_the_exponent_span(span):
     want = exact_l1(x, kept)
     assert (torch_kernels.exact_sum(before[0].tolist()), torch_kernels.exact_sum(after[0].tolist())) == want
     assert want[0] == torch_kernels.exact_sum(torch_kernels.exact_slots(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l1_factors_of_ranked_and_other_rules_together(dtype):
+    """A tensor where some models are row-ranked (their L1 sums come from ranking) and others are not (a pass of
+    abs_sums over those alone): every factor equals ||delta||_1 / ||kept delta||_1 computed from the masks."""
+    g = torch.Generator().manual_seed(4)
+    rows, row = 10, 48
+    base = torch.randn(rows, row, generator=g).to(dtype)
+    models = [(base.float() + 0.05 * torch.randn(rows, row, generator=g)).to(dtype) for _ in range(3)]
+    tensors = {-1: base, **dict(enumerate(models))}
+    blocks = keep.Blocks((rows, row), 3, lambda i, a, b: tensors[i][a:b].float(), 3,
+                         stored=lambda i, a, b: tensors[i][a:b])
+    rules = [keep.Ranked(0.5, 0.2, 11, row), keep.Random(12, 0.4), keep.Ranked(0.3, 0.1, 13, row)]
+    arrays = keep.rule_arrays(blocks, rules)
+    factors = keep.l1_factors(blocks, arrays, [True, True, True])
+    for i, rule in enumerate(rules):
+        magnitude = (models[i].float() - base.float()).abs().reshape(-1)
+        mask = keep.torch_mask(rule, magnitude)
+        all_l1, kept_l1 = exact_l1(magnitude, mask)
+        assert factors[i] == np.float32(all_l1 / kept_l1)
