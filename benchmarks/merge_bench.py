@@ -2,9 +2,11 @@
 
 For each family (~120M and ~1B parameters, bf16, built once and cached under bench-cache/) and each case, time
 a `mergelib merge` in a fresh process and compare it with the IO floor: a process that reads the same input
-tensors and writes the same output bytes with plain safetensors. The inputs are read once first (a warm page
-cache for both); floor and merge then run `--repeat` times, alternating, and the fastest of each is reported
-(the floor is a few seconds, so machine noise would otherwise swing the ratio). Peak RSS is the child's
+tensors and writes the same output bytes with plain safetensors, then syncs them to disk as the merge does (it
+records a shard complete only once its bytes are on disk). The inputs are read once first (a warm page cache for
+both); floor and merge then run `--repeat` times, alternating, each after a `sync` (so no run pays for writing back
+the previous run's output), and the fastest of each is reported (the floor is a few seconds, so machine noise would
+otherwise swing the ratio). Peak RSS is the child's
 ru_maxrss, the largest over the merge's runs.
 
     python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties] [--repeat 2]
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench-cache"
 
 FLOOR_SCRIPT = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 from safetensors import safe_open
@@ -59,6 +61,8 @@ for fname, slots in plan.shards.items():
         del read
     save_file(tensors, out / fname, metadata={"format": "pt"})
     del tensors
+    with open(out / fname, "rb") as handle:
+        os.fsync(handle.fileno())  # on disk, as the merge leaves each shard
 """
 
 
@@ -103,7 +107,9 @@ def recipes(family) -> dict[str, dict]:
 
 
 def measure_child(cmd: list[str]) -> tuple[float, int]:
-    """Run under /usr/bin/time-like accounting: a wrapper reports the child's own ru_maxrss."""
+    """Run under /usr/bin/time-like accounting: a wrapper reports the child's own ru_maxrss. Dirty pages are
+    written back first, so the child does not share the disk with the previous run's write-back."""
+    os.sync()
     wrapper = (
         "import resource, subprocess, sys, time, json\n"
         "t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
