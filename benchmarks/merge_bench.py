@@ -9,7 +9,7 @@ the previous run's output), and the fastest of each is reported (the floor is a 
 otherwise swing the ratio). Peak RSS is the child's
 ru_maxrss, the largest over the merge's runs.
 
-    python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties] [--repeat 2]
+    python benchmarks/merge_bench.py [--sizes 120m 1b] [--cases linear ties dare_ties della] [--repeat 2]
                                      [--out reports/bench.json]
     python benchmarks/merge_bench.py --executor ray --workers 2 --sizes 1b --shard-size 500000000
                                      [--out reports/bench_ray.json]   (Ray shard tasks against the local merge)
@@ -168,7 +168,7 @@ def peer_command(args, recipe: Path, out: Path, extra: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["120m", "1b"])
-    parser.add_argument("--cases", nargs="+", default=["linear", "ties", "dare_ties"])
+    parser.add_argument("--cases", nargs="+", default=["linear", "ties", "dare_ties", "della"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of the floor and of the merge, alternating; the fastest of each is reported")
