@@ -403,6 +403,16 @@ def _exact_sums(bits, kept, n, before, after):
 
 
 @_jit
+def _counts_to_starts(h):
+    """Counts per digit, in place, to the place where each digit's first element goes (an exclusive prefix sum)."""
+    total = 0
+    for v in range(h.shape[0]):
+        c = h[v]
+        h[v] = total
+        total += c
+
+
+@_jit
 def magprune_keep(base, x, row, table, key, offset, keep, before, after):
     """DELLA's MAGPRUNE keep mask of flat rows of `row` elements: keep[j] = uniform_at(key, offset + j) <
     table[rank], rank the ascending place of |x[j] - base[j]| within its row, equal magnitudes ranking the lower
@@ -438,11 +448,7 @@ def magprune_keep(base, x, row, table, key, offset, keep, before, after):
             h = hist[d]
             if h[(bits[0] >> shift) & mask] == row:
                 continue  # one digit across the row: this pass would not move anything
-            total = 0
-            for v in range(_RADIX):
-                c = h[v]
-                h[v] = total
-                total += c
+            _counts_to_starts(h)
             for k in range(row):
                 b = bits[k]
                 v = (b >> shift) & mask
@@ -525,11 +531,7 @@ def magprune_keep_bf16(base, x, row, table, key, offset, keep, before, after):
                 hist[:] = 0
                 for q in range(n_others):
                     hist[(bits[src[q]] >> shift) & np.uint32(_RADIX - 1)] += 1
-                t = 0
-                for v in range(_RADIX):
-                    c = hist[v]
-                    hist[v] = t
-                    t += c
+                _counts_to_starts(hist)
                 for n in range(n_others):
                     q = n_others - 1 - n if d == 0 else n
                     j = src[q]
