@@ -161,7 +161,15 @@ class RuleArrays:
         # exact L1 slots (all, kept) of each row-ranked model's |delta| over the blocks decided so far: the rank
         # kernels sum while they rank, so `l1_factors` needs no pass of its own for them
         self.ranked_sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._tables: dict[int, np.ndarray] = {}
+        self._tables: dict[int, np.ndarray] = {}  # each ranked model's keep probability by rank
+
+    def add_ranked(self, i: int, rule: Ranked) -> None:
+        """Model i keeps by row rank: its masks are decided block by block (`explicit`), its sums start at 0."""
+        self.kind[i] = fused.KEEP_MASK
+        self.ranked[i] = rule
+        self._tables[i] = masks_module.magprune_table(rule.row, rule.density, rule.epsilon).numpy()
+        self.ranked_sums[i] = (np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64),
+                               np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64))
 
     def explicit(self, start: int, end: int, base: np.ndarray | None = None,
                  xs: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
@@ -183,10 +191,6 @@ class RuleArrays:
         # bf16 deltas are mostly bf16 values themselves: ranked by counting (the same ranks, faster)
         kernel = fused.magprune_keep_bf16 if base.dtype == np.uint16 else fused.magprune_keep
         for r, (i, rule) in enumerate(self.ranked.items()):
-            if i not in self._tables:
-                self._tables[i] = masks_module.magprune_table(rule.row, rule.density, rule.epsilon).numpy()
-                self.ranked_sums[i] = (np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64),
-                                       np.zeros(torch_kernels.EXACT_SLOTS, dtype=np.int64))
             kernel(base, xs[i], rule.row, self._tables[i], rule.key, start, masks[r], *self.ranked_sums[i])
         return masks
 
@@ -382,8 +386,7 @@ def rule_arrays(blocks: Blocks, rules: list[Rule]) -> RuleArrays:
             arrays.kind[i] = fused.KEEP_MASK
             arrays.masks[i] = rule.mask
         elif isinstance(rule, Ranked):
-            arrays.kind[i] = fused.KEEP_MASK
-            arrays.ranked[i] = rule
+            arrays.add_ranked(i, rule)
     return arrays
 
 

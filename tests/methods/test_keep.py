@@ -295,3 +295,11 @@ def test_l1_factors_of_ranked_and_other_rules_together(dtype):
         mask = keep.torch_mask(rule, magnitude)
         all_l1, kept_l1 = exact_l1(magnitude, mask)
         assert factors[i] == np.float32(all_l1 / kept_l1)
+
+
+def test_l1_factors_of_a_ranked_rule_over_no_rows():
+    """A tensor with no rows decides no block: its ranked model's norms are 0, so no rescale (factor 1)."""
+    tensors = {-1: torch.zeros(0, 8), 0: torch.zeros(0, 8)}
+    blocks = keep.Blocks((0, 8), 1, lambda i, a, b: tensors[i][a:b], 4)
+    arrays = keep.rule_arrays(blocks, [keep.Ranked(0.5, 0.1, 3, 8)])
+    assert keep.l1_factors(blocks, arrays, [True]).tolist() == [1.0]
